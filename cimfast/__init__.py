@@ -1,0 +1,2 @@
+"""cimfast: a fast trainer for Corrupted Image Modeling (CIM) pre-training."""
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The CIM objective: one training step's forward, top-down (DESIGN §1).
+
+``CIMModel`` holds the two trainable networks (generator and enhancer). The
+frozen tokenizer is kept outside the module tree on purpose: DeepSpeed (and
+ZeRO-3 in particular) must neither partition nor optimize it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cimfast.config import Config
+from cimfast.kernels import sample_replace, window_norm_loss, window_normalize
+from cimfast.models.resnet import ResNetEnhancer
+from cimfast.models.vit import BEiTGenerator, ViTEnhancer, patchify, unpatchify
+from cimfast.tokenizer import Tokenizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_enhancer(cfg: Config) -> nn.Module:
+    if cfg.enhancer == "vit":
+        return ViTEnhancer(cfg.img_size, cfg.patch_size, cfg.enhancer_dim, cfg.enhancer_depth,
+                           cfg.enhancer_heads, cfg.objective, grad_checkpointing=cfg.grad_checkpointing)
+    return ResNetEnhancer(cfg.img_size, cfg.patch_size, cfg.objective, layers=cfg.resnet_layers,
+                          width=cfg.resnet_width)
+
+
+class CIMModel(nn.Module):
+    def __init__(self, cfg: Config, tokenizer: Tokenizer):
+        super().__init__()
+        if cfg.img_size is None:
+            cfg.resolve()
+        self.cfg = cfg
+        self.generator = BEiTGenerator(cfg.img_size, cfg.patch_size, cfg.generator_dim, cfg.generator_depth,
+                                       cfg.generator_heads, tokenizer.vocab_size)
+        self.enhancer = build_enhancer(cfg)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_tokenizer(tokenizer)
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        # A plain attribute inside a tuple: not a registered submodule, so not in
+        # parameters(), state_dict() or DeepSpeed's partitioning.
+        self._frozen = (tokenizer,)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._frozen[0]
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        return (x01 - self.mean.to(x01.dtype)) / self.std.to(x01.dtype)
+
+    def check_inputs(self, images, images_tok, mask):
+        cfg = self.cfg
+        s, t = cfg.img_size, cfg.tokenizer_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"images must be [B, 3, {s}, {s}] (RGB at the enhancer size), got {tuple(images.shape)}")
+        if images_tok.dim() != 4 or tuple(images_tok.shape[1:]) != (3, t, t):
+            raise ValueError(f"tokenizer view must be [B, 3, {t}, {t}], got {tuple(images_tok.shape)}")
+        if images_tok.shape[0] != images.shape[0] or tuple(mask.shape) != (images.shape[0], cfg.grid ** 2):
+            raise ValueError(f"mask must be [B, {cfg.grid ** 2}] for a batch of {images.shape[0]}, got {tuple(mask.shape)}")
+
+    def forward(self, images: torch.Tensor, images_tok: torch.Tensor, mask: torch.Tensor,
+                sample_keys: torch.Tensor | None = None, return_visuals: bool = False) -> dict:
+        """images [B,3,S,S] and images_tok [B,3,S/2,S/2] in [0,1] (same crop);
+        mask [B, N] bool; ``sample_keys`` [B] int64 (one per sample, from the
+        loader) make the token draws; None: the batch position.
+
+        Returns a dict of scalar tensors (``loss`` and metrics; no host sync)
+        and, with ``return_visuals``, the picture's tensors.
+        """
+        self.check_inputs(images, images_tok, mask)
+        cfg, tok = self.cfg, self.tokenizer
+        mask = mask.bool()
+        B, grid = images.shape[0], cfg.grid
+
+        # 1-2. tokenize the small view (frozen)
+        with torch.no_grad():
+            ids = tok.tokenize(images_tok).reshape(B, grid * grid)
+
+        # 3-4. the generator predicts tokens at masked patches
+        x = self.normalize(images)
+        logits = self.generator(x, mask)  # [M, vocab]
+        targets = ids[mask]
+        gen_loss = F.cross_entropy(logits.float(), targets)
+
+        # 5-6. sample, replace, decode: the corrupted image (no gradient)
+        with torch.no_grad():
+            if sample_keys is None:
+                sample_keys = torch.arange(B, device=ids.device)
+            corrupted_ids, replaced = sample_replace(logits, ids, mask, sample_keys, cfg.temperature)
+            corrupted = tok.decode(corrupted_ids.reshape(B, grid, grid)).to(images.dtype)
+            corrupted = F.interpolate(corrupted, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+        # 7. the enhancer restores pixels or detects replaced tokens
+        out = self.enhancer(self.normalize(corrupted))  # [B, N, out]
+        if cfg.objective == "respix":
+            pred = unpatchify(out, cfg.patch_size)
+            enh_loss = window_norm_loss(pred, images, cfg.window)
+        else:
+            enh_loss = F.binary_cross_entropy_with_logits(out.squeeze(-1).float(), replaced)
+
+        # 8. one loss for both networks
+        loss = gen_loss + cfg.enhancer_weight * enh_loss
+        with torch.no_grad():
+            result = {
+                "loss": loss,
+                "gen_loss": gen_loss.detach(),
+                "enh_loss": enh_loss.detach(),
+                "gen_acc": (logits.argmax(-1) == targets).float().mean(),
+                "replaced_frac": replaced.sum() / mask.sum().clamp_min(1),
+            }
+            if cfg.objective == "revdet":
+                result["det_acc"] = ((out.squeeze(-1) > 0).float() == replaced).float().mean()
+        result["loss"] = loss
+        if return_visuals:
+            result["visuals"] = self._visuals(images, corrupted, replaced, out)
+        return result
+
+    @torch.no_grad()
+    def _visuals(self, images, corrupted, replaced, out) -> dict:
+        """Original, corrupted, replaced-patch mask and the enhancer's view of it.
+
+        ResPix: the prediction mapped back to pixels with the original's window
+        statistics (as MAE shows normalized-pixel predictions). RevDet: the
+        patches the enhancer flags as replaced.
+        """
+        cfg = self.cfg
+        vis = {"original": images.float(), "corrupted": corrupted.float(),
+               "replaced": replaced.reshape(-1, cfg.grid, cfg.grid)}
+        if cfg.objective == "respix":
+            _, mean, std = window_normalize(images, cfg.window)
+            vis["restored"] = (unpatchify(out.float(), cfg.patch_size) * std + mean).clamp(0, 1)
+        else:
+            vis["detected"] = (out.squeeze(-1) > 0).float().reshape(-1, cfg.grid, cfg.grid)
+        return vis
+
+
+def build_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer the config names: a file/folder, or (tiny only) a built-in one."""
+    from cimfast.tokenizer import OFFICIAL_HINT, TINY_SPEC, load_tokenizer
+
+    if cfg.tokenizer_path:
+        return load_tokenizer(cfg.tokenizer_path, cfg.encoder_sha256, cfg.decoder_sha256)
+    if cfg.tokenizer == "tiny":
+        # No trained tiny tokenizer ships yet: a fixed-seed random one keeps the
+        # demo deterministic. Its corrupted images are not photographs.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            return Tokenizer(TINY_SPEC)
+    raise FileNotFoundError(f"preset {cfg.preset!r} needs the DALL-E tokenizer: --tokenizer_path is not set. {OFFICIAL_HINT}")

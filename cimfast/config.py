@@ -1,0 +1,130 @@
+"""cimfast's own settings: one typed dataclass, filled from the preset, the
+``"cimfast"`` section of the DeepSpeed JSON and the command line (in that
+order of precedence, lowest first). Unknown keys and wrong types are errors
+that name the key."""
+from __future__ import annotations
+
+
+import typing
+from dataclasses import dataclass, field, fields
+
+from cimfast.presets import PRESETS
+
+OBJECTIVES = ("respix", "revdet")
+PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    # --- model (None: taken from the preset) ---
+    preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    objective: str = field(default="respix", metadata={"help": "respix (restore pixels) or revdet (detect replaced tokens)"})
+    enhancer: typing.Optional[str] = field(default=None, metadata={"help": "vit or resnet"})
+    img_size: typing.Optional[int] = field(default=None, metadata={"help": "enhancer input size in pixels"})
+    patch_size: int = field(default=16, metadata={"help": "patch size (the tokenizer view is img_size / patch_size * 8)"})
+    enhancer_dim: typing.Optional[int] = field(default=None, metadata={"help": "ViT enhancer width"})
+    enhancer_depth: typing.Optional[int] = field(default=None, metadata={"help": "ViT enhancer depth"})
+    enhancer_heads: typing.Optional[int] = field(default=None, metadata={"help": "ViT enhancer heads"})
+    resnet_layers: typing.Optional[tuple] = field(default=None, metadata={"help": "ResNet blocks per stage"})
+    resnet_width: typing.Optional[int] = field(default=None, metadata={"help": "ResNet stem width"})
+    generator_dim: typing.Optional[int] = field(default=None, metadata={"help": "generator (small BEiT) width"})
+    generator_depth: typing.Optional[int] = field(default=None, metadata={"help": "generator depth"})
+    generator_heads: typing.Optional[int] = field(default=None, metadata={"help": "generator heads"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per enhancer block"})
+    # --- tokenizer ---
+    tokenizer: typing.Optional[str] = field(default=None, metadata={"help": "tokenizer architecture: dalle or tiny"})
+    tokenizer_path: typing.Optional[str] = field(default=None, metadata={
+        "help": "folder with encoder.pkl + decoder.pkl (official DALL-E) or tokenizer.safetensors, or a .safetensors file"})
+    encoder_sha256: typing.Optional[str] = field(default=None, metadata={"help": "pin the SHA-256 of encoder.pkl"})
+    decoder_sha256: typing.Optional[str] = field(default=None, metadata={"help": "pin the SHA-256 of decoder.pkl"})
+    # --- the CIM objective ---
+    num_masked: typing.Optional[int] = field(default=None, metadata={"help": "masked patches per image"})
+    min_block: typing.Optional[int] = field(default=None, metadata={"help": "smallest masking block in patches"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the generator"})
+    window: int = field(default=9, metadata={"help": "ResPix sliding normalization window (pixels)"})
+    enhancer_weight: float = field(default=1.0, metadata={"help": "loss = generator + enhancer_weight * enhancer"})
+
+    def resolve(self) -> "Config":
+        """Fill the preset's values into fields left at None and validate."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for k, v in PRESETS[self.preset].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
+
+        need(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
+        need(self.enhancer in ("vit", "resnet"), "enhancer", "must be vit or resnet")
+        need(self.tokenizer in ("dalle", "tiny"), "tokenizer", "must be dalle or tiny")
+        need(self.patch_size > 0, "patch_size", "must be positive")
+        need(self.img_size > 0 and self.img_size % self.patch_size == 0, "img_size",
+             f"must be a positive multiple of patch_size={self.patch_size}")
+        n = self.grid ** 2
+        need(0 < self.num_masked <= n, "num_masked", f"must be between 1 and the {n} patches of the image")
+        need(0 < self.min_block <= self.num_masked, "min_block", f"must be between 1 and num_masked={self.num_masked}")
+        need(self.temperature > 0, "temperature", "must be positive")
+        need(self.window >= 2, "window", "must be at least 2 pixels")
+        need(self.enhancer_weight >= 0, "enhancer_weight", "must not be negative")
+        for k in ("generator_dim", "generator_depth", "generator_heads"):
+            need(getattr(self, k) > 0, k, "must be positive")
+        need(self.generator_dim % self.generator_heads == 0, "generator_dim", "must be divisible by generator_heads")
+        if self.enhancer == "vit":
+            for k in ("enhancer_dim", "enhancer_depth", "enhancer_heads"):
+                need(getattr(self, k) is not None and getattr(self, k) > 0, k, "must be positive")
+            need(self.enhancer_dim % self.enhancer_heads == 0, "enhancer_dim", "must be divisible by enhancer_heads")
+        else:
+            need(self.patch_size == 16, "patch_size", "must be 16 for the ResNet enhancer")
+            need(self.resnet_layers is not None and len(self.resnet_layers) == 4, "resnet_layers", "needs 4 stages")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def tokenizer_size(self) -> int:
+        return self.grid * 8
+
+
+def coerce(key: str, value, type_hints: dict):
+    """Check one value against the field's type; ints are accepted for floats."""
+    t = type_hints[key]
+    optional = typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t)
+    if optional:
+        if value is None:
+            return None
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t is tuple and isinstance(value, list):
+        return tuple(value)
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, float)
+    else:
+        ok = isinstance(value, t)
+    if not ok:
+        raise ConfigError(f"{key}: expected {t.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build a dataclass from a dict; unknown keys and wrong types name the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+    return cls(**{k: coerce(k, v, hints) for k, v in d.items()})

@@ -1,0 +1,78 @@
+"""The discrete VAE objective of DALL-E (Ramesh et al. 2021, section 2.1 and
+appendix A), for training a tokenizer of the DALL-E architecture.
+
+* Encoder logits over the vocabulary per cell, relaxed with Gumbel-softmax at
+  temperature ``tau`` (annealed from 1 toward 1/16).
+* The decoder reads the relaxed codes through its input layer (the same
+  weights that the one-hot / embedding path uses at inference).
+* Reconstruction: the logit-Laplace likelihood of the ``map_pixels`` input
+  (the decoder's first 3 channels are mu, the last 3 are ln b).
+* KL of the per-cell code distribution to the uniform prior, weighted by
+  ``beta`` (ramped up from 0). ``beta`` is in DALL-E's convention (6.6 there),
+  where the NLL is summed over sub-pixels and the KL over cells; with both
+  terms averaged here, the KL is scaled by cells / sub-pixels = 1 / (8*8*3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cimfast.tokenizer import Tokenizer, map_pixels, unmap_pixels
+
+
+KL_SCALE = 8 * 8 * 3  # sub-pixels per token cell
+
+
+def logit_laplace_nll(x_mapped: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per sub-pixel of ``x_mapped`` in (eps, 1-eps)."""
+    mu, ln_b = params[:, :3].float(), params[:, 3:].float().clamp(-7, 7)
+    y = torch.logit(x_mapped)
+    nll = math.log(2) + ln_b + torch.log(x_mapped * (1 - x_mapped)) + (y - mu).abs() * torch.exp(-ln_b)
+    return nll.mean()
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over cells of KL(q || uniform), logits [B, V, h, w]."""
+    logq = F.log_softmax(logits.float(), dim=1)
+    return (logq.exp() * logq).sum(1).mean() + math.log(logits.shape[1])
+
+
+def dvae_loss(tok: Tokenizer, x01: torch.Tensor, tau: float, beta: float, hard: bool = False) -> dict:
+    """One dVAE step's loss on images ``x01`` [B, 3, H, W] in [0, 1]."""
+    x = map_pixels(x01)
+    logits = tok.encoder(x)  # [B, V, h, w]
+    soft = F.gumbel_softmax(logits.float(), tau=tau, hard=hard, dim=1)
+    params = tok.decoder.forward_soft(soft.permute(0, 2, 3, 1))
+    nll = logit_laplace_nll(x, params)
+    kl = kl_to_uniform(logits)
+    with torch.no_grad():
+        recon = unmap_pixels(torch.sigmoid(params[:, :3].float()))
+        mse = F.mse_loss(recon, x01.float())
+    return {"loss": nll + beta * kl / KL_SCALE, "nll": nll.detach(), "kl": kl.detach(), "mse": mse, "logits": logits.detach()}
+
+
+def tau_at(step: int, total: int, start: float = 1.0, end: float = 1 / 16) -> float:
+    """Exponential annealing from ``start`` to ``end`` over ``total`` steps."""
+    frac = min(1.0, step / max(1, total))
+    return start * (end / start) ** frac
+
+
+def beta_at(step: int, ramp: int, final: float) -> float:
+    """Linear ramp of the KL weight from 0 to ``final`` over ``ramp`` steps."""
+    return final * min(1.0, step / max(1, ramp))
+
+
+@torch.no_grad()
+def codebook_stats(ids: torch.Tensor, vocab: int) -> dict:
+    """Perplexity of the code histogram and the fraction of codes used."""
+    counts = torch.bincount(ids.reshape(-1), minlength=vocab).double()
+    p = counts / counts.sum()
+    ent = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"perplexity": float(ent.exp()), "used_fraction": float((counts > 0).double().mean())}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))

@@ -1,0 +1,1 @@
+"""Generator (small BEiT) and enhancers (ViT, ResNet)."""

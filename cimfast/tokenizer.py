@@ -1,0 +1,394 @@
+"""The frozen image tokenizer: the DALL-E discrete VAE (encoder and decoder).
+
+Module and parameter names follow the official ``dall_e`` package exactly
+(``blocks.group_1.block_1.res_path.conv_1.w`` ...), so the official
+``encoder.pkl`` / ``decoder.pkl`` load unchanged. Those files are pickles of
+whole Python modules; ``load_official_pickle`` reads them with a restricted
+unpickler that rebuilds tensors and the known classes only, and the weights
+are then copied into freshly built modules of this file and cached as
+safetensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOGIT_LAPLACE_EPS = 0.1
+DOWNSAMPLE = 8  # three 2x poolings: a 112 px view gives a 14 x 14 token grid
+
+OFFICIAL_HINT = (
+    "Download the official DALL-E tokenizer files encoder.pkl and decoder.pkl "
+    "(the links are in the README of the openai/DALL-E repository) and pass the "
+    "folder that holds them with --tokenizer_path, or train your own with "
+    "`python -m cimfast.tokenizer_train`."
+)
+
+
+def map_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] image -> the logit-Laplace input range [eps, 1 - eps]."""
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
+    return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
+
+
+# --------------------------------------------------------------------------
+# Architecture (names as in dall_e.utils / dall_e.encoder / dall_e.decoder)
+# --------------------------------------------------------------------------
+class Conv2d(nn.Module):
+    """dall_e.utils.Conv2d: parameters ``w`` and ``b``, 'same' padding."""
+
+    def __init__(self, n_in: int, n_out: int, kw: int):
+        super().__init__()
+        self.n_in, self.n_out, self.kw = n_in, n_out, kw
+        w = torch.empty(n_out, n_in, kw, kw).normal_(std=1 / math.sqrt(n_in * kw**2))
+        self.w = nn.Parameter(w)
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w.to(x.dtype), self.b.to(x.dtype), padding=(self.kw - 1) // 2)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, n_hid, 3)),
+            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(n_hid, n_hid, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(n_hid, n_hid, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(n_hid, n_out, 1)),
+        ]))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, n_hid, 1)),
+            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(n_hid, n_hid, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(n_hid, n_hid, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(n_hid, n_out, 3)),
+        ]))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Sizes of a dVAE of the DALL-E architecture. Defaults are the official ones."""
+
+    n_hid: int = 256
+    n_init: int = 128
+    n_blk_per_group: int = 2
+    vocab_size: int = 8192
+    group_count: int = 4  # fixed by the architecture (3 poolings)
+
+
+DALLE_SPEC = TokenizerSpec()
+TINY_SPEC = TokenizerSpec(n_hid=32, n_init=32, n_blk_per_group=1, vocab_size=512)
+
+
+def _group(blocks, resample=None):
+    items = [(f"block_{i + 1}", blk) for i, blk in enumerate(blocks)]
+    if resample is not None:
+        items.append(resample)
+    return nn.Sequential(OrderedDict(items))
+
+
+class Encoder(nn.Module):
+    def __init__(self, spec: TokenizerSpec = DALLE_SPEC):
+        super().__init__()
+        h, nb = spec.n_hid, spec.n_blk_per_group
+        n_layers = spec.group_count * nb
+        widths = [h, 2 * h, 4 * h, 8 * h]
+        groups = []
+        n_in = h
+        for g, w in enumerate(widths):
+            blks = []
+            for _ in range(nb):
+                blks.append(EncoderBlock(n_in, w, n_layers))
+                n_in = w
+            pool = ("pool", nn.MaxPool2d(kernel_size=2)) if g < 3 else None
+            groups.append((f"group_{g + 1}", _group(blks, pool)))
+        self.vocab_size = spec.vocab_size
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", Conv2d(3, h, 7)),
+            *groups,
+            ("output", nn.Sequential(OrderedDict([
+                ("relu", nn.ReLU()), ("conv", Conv2d(8 * h, spec.vocab_size, 1))]))),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: TokenizerSpec = DALLE_SPEC):
+        super().__init__()
+        h, nb = spec.n_hid, spec.n_blk_per_group
+        n_layers = spec.group_count * nb
+        widths = [8 * h, 4 * h, 2 * h, h]
+        groups = []
+        n_in = spec.n_init
+        for g, w in enumerate(widths):
+            blks = []
+            for _ in range(nb):
+                blks.append(DecoderBlock(n_in, w, n_layers))
+                n_in = w
+            up = ("upsample", nn.Upsample(scale_factor=2, mode="nearest")) if g < 3 else None
+            groups.append((f"group_{g + 1}", _group(blks, up)))
+        self.vocab_size = spec.vocab_size
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", Conv2d(spec.vocab_size, spec.n_init, 1)),
+            *groups,
+            ("output", nn.Sequential(OrderedDict([
+                ("relu", nn.ReLU()), ("conv", Conv2d(h, 6, 1))]))),
+        ]))
+
+    def forward_onehot(self, onehot: torch.Tensor) -> torch.Tensor:
+        """The official form: a 1x1 convolution over the one-hot map (reference)."""
+        return self.blocks(onehot)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, h, w] -> 6-channel logit-Laplace parameters.
+
+        The input 1x1 convolution over a one-hot map of ``vocab`` channels is
+        exactly a lookup of the weight's columns: computed as an embedding.
+        """
+        return self.forward_embedded(F.embedding(ids, self.input_table()))
+
+    def forward_soft(self, probs: torch.Tensor) -> torch.Tensor:
+        """Relaxed codes [B, h, w, vocab] (dVAE training) -> 6-channel parameters."""
+        return self.forward_embedded(probs @ self.input_table().to(probs.dtype))
+
+    def input_table(self) -> torch.Tensor:
+        conv = self.blocks.input
+        return conv.w.view(conv.n_out, conv.n_in).t()  # [vocab, n_init]
+
+    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, h, w, n_init] (the input layer's output before its bias)."""
+        x = (x + self.blocks.input.b.to(x.dtype)).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for name, module in self.blocks.named_children():
+            if name != "input":
+                x = module(x)
+        return x
+
+
+def spec_from_state_dicts(enc: dict, dec: dict) -> TokenizerSpec:
+    n_hid = enc["blocks.input.w"].shape[0]
+    vocab = enc["blocks.output.conv.w"].shape[0]
+    n_init = dec["blocks.input.w"].shape[0]
+    nb = len({k.split(".")[2] for k in enc if k.startswith("blocks.group_1.block_")})
+    spec = TokenizerSpec(n_hid=n_hid, n_init=n_init, n_blk_per_group=nb, vocab_size=vocab)
+    if dec["blocks.input.w"].shape[1] != vocab:
+        raise ValueError(f"encoder vocabulary {vocab} != decoder vocabulary "
+                         f"{dec['blocks.input.w'].shape[1]}: files of two different tokenizers")
+    return spec
+
+
+class Tokenizer(nn.Module):
+    """Frozen dVAE: ``tokenize`` ([0,1] images -> ids) and ``decode`` (ids -> [0,1] images)."""
+
+    def __init__(self, spec: TokenizerSpec = DALLE_SPEC):
+        super().__init__()
+        self.spec = spec
+        self.encoder = Encoder(spec)
+        self.decoder = Decoder(spec)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    def train(self, mode: bool = True):  # always frozen, always in eval mode
+        return super().train(False)
+
+    def _check(self, x: torch.Tensor):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"tokenizer expects images [B, 3, H, W], got {tuple(x.shape)}")
+        if x.shape[2] % DOWNSAMPLE or x.shape[3] % DOWNSAMPLE:
+            raise ValueError(f"tokenizer image size {tuple(x.shape[2:])} is not a multiple of {DOWNSAMPLE}")
+
+    @torch.no_grad()
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> token ids [B, H/8, W/8] (argmax of the logits)."""
+        self._check(x)
+        return self.encoder(map_pixels(x)).argmax(dim=1)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, h, w] -> image [B, 3, 8h, 8w] in [0, 1]."""
+        return unmap_pixels(torch.sigmoid(self.decoder(ids)[:, :3].float()))
+
+    @torch.no_grad()
+    def decode_onehot(self, ids: torch.Tensor) -> torch.Tensor:
+        """The plain (reference) decode through a one-hot tensor."""
+        onehot = F.one_hot(ids, self.vocab_size).permute(0, 3, 1, 2).float()
+        onehot = onehot.to(self.decoder.blocks.input.w.dtype)
+        return unmap_pixels(torch.sigmoid(self.decoder.forward_onehot(onehot)[:, :3].float()))
+
+
+# --------------------------------------------------------------------------
+# Loading: official pickles (restricted), safetensors (ours)
+# --------------------------------------------------------------------------
+class NotATokenizerError(RuntimeError):
+    pass
+
+
+# Classes a DALL-E pickle may name, mapped to what rebuilds them here. The
+# stand-ins for dall_e.* only receive the pickled attribute dicts; weights are
+# read from them with state_dict() and nothing of theirs is ever called.
+class _Stub(nn.Module):
+    pass
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,  # protocol 2 writes Python 2 names
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch", "device"): torch.device,
+    ("torch.nn.modules.container", "Sequential"): nn.Sequential,
+    ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
+    ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
+    ("torch.nn.modules.upsampling", "Upsample"): nn.Upsample,
+    ("torch.nn.modules.linear", "Identity"): nn.Identity,
+}
+for _mod, _names in {"dall_e.encoder": ("Encoder", "EncoderBlock"),
+                     "dall_e.decoder": ("Decoder", "DecoderBlock"),
+                     "dall_e.utils": ("Conv2d",)}.items():
+    for _n in _names:
+        _ALLOWED[(_mod, _n)] = type(_n, (_Stub,), {"__module__": "cimfast.tokenizer._stubs"})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise NotATokenizerError(
+                f"refused to load {module}.{name}: the file is not a DALL-E tokenizer "
+                "(it names a class or function a tokenizer file never holds)") from None
+
+
+class _RestrictedPickleModule:
+    """What ``torch.load(pickle_module=...)`` needs: a restricted Unpickler."""
+
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+    __name__ = "cimfast_restricted_pickle"
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_official_pickle(path: str, expected_sha256: str | None = None) -> dict:
+    """State dict of an official-format ``encoder.pkl``/``decoder.pkl``, loaded safely."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} does not exist. {OFFICIAL_HINT}")
+    digest = sha256_of(path)
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise NotATokenizerError(
+            f"SHA-256 of {path} is {digest}, expected {expected_sha256}: the file is "
+            f"damaged or not the one pinned. {OFFICIAL_HINT}")
+    try:
+        obj = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule,
+                         weights_only=False)
+    except NotATokenizerError as e:
+        raise NotATokenizerError(f"{path}: {e}") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise NotATokenizerError(
+            f"{path} could not be read as a DALL-E tokenizer ({type(e).__name__}: {e}). "
+            f"{OFFICIAL_HINT}") from None
+    if not isinstance(obj, nn.Module):
+        raise NotATokenizerError(f"{path} holds a {type(obj).__name__}, not a tokenizer module. {OFFICIAL_HINT}")
+    return {k: v.detach().float().contiguous() for k, v in obj.state_dict().items()}
+
+
+def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"encoder.{k}": v.contiguous() for k, v in tok.encoder.state_dict().items()}
+    tensors.update({f"decoder.{k}": v.contiguous() for k, v in tok.decoder.state_dict().items()})
+    meta = {k: str(v) for k, v in asdict(tok.spec).items()}
+    meta.update(metadata or {})
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_safetensors(path: str) -> Tokenizer:
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    return _build(enc, dec)
+
+
+def _build(enc: dict, dec: dict) -> Tokenizer:
+    tok = Tokenizer(spec_from_state_dicts(enc, dec))
+    tok.encoder.load_state_dict(enc, strict=True)
+    tok.decoder.load_state_dict(dec, strict=True)
+    return tok
+
+
+def load_tokenizer(path: str, encoder_sha256: str | None = None,
+                   decoder_sha256: str | None = None) -> Tokenizer:
+    """Load a tokenizer from a ``.safetensors`` file or a folder.
+
+    A folder holds either ``tokenizer.safetensors`` or the official
+    ``encoder.pkl`` + ``decoder.pkl``; the pickles are read once with the
+    restricted unpickler and converted to ``tokenizer.safetensors`` beside them
+    (or, if the folder is read-only, nowhere: they are then read every time).
+    """
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path} does not exist. {OFFICIAL_HINT}")
+        return load_safetensors(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer path {path} is neither a folder nor a .safetensors file. {OFFICIAL_HINT}")
+    cached = os.path.join(path, "tokenizer.safetensors")
+    enc_p, dec_p = os.path.join(path, "encoder.pkl"), os.path.join(path, "decoder.pkl")
+    have_pkl = os.path.isfile(enc_p) and os.path.isfile(dec_p)
+    if os.path.isfile(cached) and not (have_pkl and (encoder_sha256 or decoder_sha256)):
+        return load_safetensors(cached)
+    if not have_pkl:
+        missing = [p for p in (enc_p, dec_p) if not os.path.isfile(p)]
+        raise FileNotFoundError(f"tokenizer files missing: {', '.join(missing)}. {OFFICIAL_HINT}")
+    enc = load_official_pickle(enc_p, encoder_sha256)
+    dec = load_official_pickle(dec_p, decoder_sha256)
+    tok = _build(enc, dec)
+    try:
+        save_safetensors(tok, cached, {"encoder_sha256": sha256_of(enc_p), "decoder_sha256": sha256_of(dec_p)})
+    except OSError:
+        pass
+    return tok

@@ -1,0 +1,39 @@
+"""Epoch order made by cimfast: a seeded permutation per epoch, cut into
+global batches, each rank taking its slice. Resume starts at a global sample
+position; the same global batch on 1 or N ranks covers the same samples."""
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Sampler):
+    def __init__(self, num_samples: int, batch_per_rank: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle: bool = True, start_step: int = 0):
+        self.n, self.b, self.rank, self.world = num_samples, batch_per_rank, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = batch_per_rank * world
+        self.steps_per_epoch = num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{num_samples} samples do not fill one global batch of {self.global_batch}")
+        self.start_step = start_step
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
+
+    def __iter__(self):
+        """Endless: (epoch, index) pairs, this rank's share of global step after step."""
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            order = self.order(epoch)
+            for s in range(k, self.steps_per_epoch):
+                lo = s * self.global_batch + self.rank * self.b
+                for i in order[lo:lo + self.b]:
+                    yield epoch, int(i)
+            step = (epoch + 1) * self.steps_per_epoch
+
+    def __len__(self):
+        return self.steps_per_epoch * self.b

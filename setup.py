@@ -1,0 +1,31 @@
+from setuptools import setup
+
+setup(
+    name="cimfast",
+    version="0.1.0",
+    description="Fast Corrupted Image Modeling (CIM) self-supervised pre-training",
+    python_requires=">=3.10",
+    packages=["cimfast", "cimfast.models", "cimfast.kernels", "cimfast.pipelines"],
+    package_dir={"cimfast": "cimfast", "cimfast.kernels": "kernels", "cimfast.pipelines": "pipelines"},
+    package_data={"cimfast": ["assets/*.safetensors"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "deepspeed>=0.16",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "tensorboard>=2.12",
+        "pillow>=9.0",
+        "matplotlib>=3.6",
+        "scikit-image>=0.21",  # its sample photographs are the demo data
+    ],
+    extras_require={
+        # DALI: pick the build that matches the CUDA major version of your torch.
+        "dali-cuda13": ["nvidia-dali-cuda130>=1.50"],
+        "dali-cuda12": ["nvidia-dali-cuda120>=1.40"],
+        "xformers": ["xformers>=0.0.28"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "timm>=0.9", "torchvision>=0.19", "scikit-learn>=1.2"],
+    },
+    entry_points={"console_scripts": ["cimfast-train=cimfast.train:main", "cimfast-export=cimfast.export:main"]},
+)

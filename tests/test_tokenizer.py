@@ -1,0 +1,123 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from cimfast import tokenizer as T
+from tests.dalle_format import write_official
+
+SPEC = T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=1, vocab_size=64)
+
+
+def test_official_architecture_names_and_shapes():
+    enc, dec = T.Encoder(), T.Decoder()
+    sd = enc.state_dict()
+    assert sd["blocks.input.w"].shape == (256, 3, 7, 7)
+    assert sd["blocks.group_1.block_1.res_path.conv_1.w"].shape == (64, 256, 3, 3)
+    assert sd["blocks.group_2.block_1.id_path.w"].shape == (512, 256, 1, 1)
+    assert sd["blocks.group_4.block_2.res_path.conv_4.w"].shape == (2048, 512, 1, 1)
+    assert sd["blocks.output.conv.w"].shape == (8192, 2048, 1, 1)
+    dsd = dec.state_dict()
+    assert dsd["blocks.input.w"].shape == (128, 8192, 1, 1)
+    assert dsd["blocks.group_1.block_1.res_path.conv_1.w"].shape == (512, 128, 1, 1)
+    assert dsd["blocks.output.conv.w"].shape == (6, 256, 1, 1)
+    n_enc = sum(v.numel() for v in sd.values())
+    n_dec = sum(v.numel() for v in dsd.values())
+    assert abs(n_enc / 1e6 - 53.8) < 0.1 and abs(n_dec / 1e6 - 43.8) < 0.1
+
+
+def test_map_unmap_roundtrip():
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(T.unmap_pixels(T.map_pixels(x)), x, atol=1e-6)
+
+
+def test_official_pickle_loads_and_matches(tmp_path):
+    src = write_official(SPEC, tmp_path)
+    tok = T.load_tokenizer(str(tmp_path))
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(tok.tokenize(x), src.tokenize(x))
+    ids = src.tokenize(x)
+    assert torch.allclose(tok.decode(ids), src.decode(ids), atol=1e-6)
+    assert os.path.isfile(tmp_path / "tokenizer.safetensors")  # converted once
+    os.remove(tmp_path / "encoder.pkl")
+    os.remove(tmp_path / "decoder.pkl")
+    again = T.load_tokenizer(str(tmp_path))  # the cache alone is enough now
+    assert torch.equal(again.tokenize(x), ids)
+
+
+def test_tokenize_shape_and_grid():
+    tok = T.Tokenizer(SPEC)
+    ids = tok.tokenize(torch.rand(3, 3, 56, 40))
+    assert ids.shape == (3, 7, 5) and ids.dtype == torch.int64
+    assert ids.max() < SPEC.vocab_size
+    assert tok.decode(ids).shape == (3, 3, 56, 40)
+    assert not any(p.requires_grad for p in tok.parameters())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tok.tokenize(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        tok.tokenize(torch.rand(1, 1, 32, 32))
+
+
+def test_embedding_decode_equals_onehot_decode():
+    tok = T.Tokenizer(SPEC)
+    ids = torch.randint(0, SPEC.vocab_size, (2, 5, 6))
+    a, b = tok.decode(ids), tok.decode_onehot(ids)
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "plain"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "encoder.pkl"
+    if fmt == "torch":
+        torch.save({"x": _Evil(marker)}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(_Evil(marker), f)
+    with pytest.raises(T.NotATokenizerError, match="not a DALL-E tokenizer"):
+        T.load_official_pickle(str(path))
+    assert not marker.exists()
+
+
+def test_unknown_class_is_refused(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "encoder.pkl")
+    with pytest.raises(T.NotATokenizerError, match="torch.nn.modules.linear.Linear"):
+        T.load_official_pickle(str(tmp_path / "encoder.pkl"))
+
+
+def test_checksum_pinning(tmp_path):
+    write_official(SPEC, tmp_path)
+    good = T.sha256_of(str(tmp_path / "encoder.pkl"))
+    T.load_official_pickle(str(tmp_path / "encoder.pkl"), expected_sha256=good)
+    with pytest.raises(T.NotATokenizerError, match="SHA-256"):
+        T.load_tokenizer(str(tmp_path), encoder_sha256="0" * 64)
+
+
+def test_safetensors_roundtrip(tmp_path):
+    tok = T.Tokenizer(SPEC)
+    path = str(tmp_path / "tok.safetensors")
+    T.save_safetensors(tok, path)
+    back = T.load_tokenizer(path)
+    assert back.spec == SPEC
+    for (k, v), (k2, v2) in zip(tok.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_missing_files_say_what_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="encoder.pkl and decoder.pkl"):
+        T.load_tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.load_tokenizer(str(tmp_path / "nope.safetensors"))
+    (tmp_path / "encoder.pkl").write_bytes(b"not a pickle at all")
+    (tmp_path / "decoder.pkl").write_bytes(b"")
+    with pytest.raises(T.NotATokenizerError, match="could not be read"):
+        T.load_tokenizer(str(tmp_path))
