@@ -124,15 +124,16 @@ class CIMModel(nn.Module):
     def _visuals(self, images, corrupted, replaced, out) -> dict:
         """Original, corrupted, replaced-patch mask and the enhancer's view of it.
 
-        ResPix: the prediction mapped back to pixels with the original's window
-        statistics (as MAE shows normalized-pixel predictions). RevDet: the
-        patches the enhancer flags as replaced.
+        ResPix: the predicted normalized pixels mapped back with the window
+        statistics of the *corrupted* image, the enhancer's own input (the
+        original's statistics would leak a blurred original into the
+        picture). RevDet: the patches the enhancer flags as replaced.
         """
         cfg = self.cfg
         vis = {"original": images.float(), "corrupted": corrupted.float(),
                "replaced": replaced.reshape(-1, cfg.grid, cfg.grid)}
         if cfg.objective == "respix":
-            _, mean, std = window_normalize(images, cfg.window)
+            _, mean, std = window_normalize(corrupted, cfg.window)
             vis["restored"] = (unpatchify(out.float(), cfg.patch_size) * std + mean).clamp(0, 1)
         else:
             vis["detected"] = (out.squeeze(-1) > 0).float().reshape(-1, cfg.grid, cfg.grid)

@@ -128,3 +128,42 @@ def from_dict(cls, d: dict, where: str = ""):
     if unknown:
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
     return cls(**{k: coerce(k, v, hints) for k, v in d.items()})
+
+
+@dataclass
+class RunConfig:
+    """Settings of a training run (everything that is not the model)."""
+
+    data_path: typing.Optional[str] = field(default=None, metadata={
+        "help": "image folder (ImageNet-style tree) or file list; unset: the built-in demo photos"})
+    output_dir: str = field(default="outputs/cim-demo", metadata={"help": "checkpoints, metrics, pictures"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps to train (the run's length)"})
+    resume: typing.Optional[str] = field(default=None, metadata={
+        "help": "'auto' (latest checkpoint in output_dir, if any) or a checkpoint folder"})
+    seed: int = field(default=0, metadata={"help": "run seed: data order, crops, masks, token draws"})
+    log_interval: int = field(default=10, metadata={"help": "steps between metric lines (the only host syncs)"})
+    checkpoint_interval: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept (older ones are deleted)"})
+    image_interval: int = field(default=100, metadata={"help": "steps between PNG pictures (0: only at the end)"})
+    max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
+    num_workers: int = field(default=2, metadata={"help": "data loader worker processes"})
+    demo_samples: int = field(default=4096, metadata={"help": "demo crops per epoch"})
+    peak_tflops: typing.Optional[float] = field(default=None, metadata={
+        "help": "dense bf16 peak TFLOP/s per device for MFU (default: looked up by GPU name)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile generator and enhancer"})
+    progress: bool = field(default=True, metadata={"help": "show the progress bar on rank 0"})
+
+    def validate(self) -> None:
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
+
+        need(self.max_steps > 0, "max_steps", "must be positive")
+        need(self.log_interval > 0, "log_interval", "must be positive")
+        for k in ("checkpoint_interval", "image_interval", "num_workers"):
+            need(getattr(self, k) >= 0, k, "must not be negative")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+        need(self.max_nonfinite >= 1, "max_nonfinite", "must be at least 1")
+        need(self.demo_samples > 0, "demo_samples", "must be positive")
+        need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
+        need(self.data_path is None or bool(self.data_path), "data_path", "must not be empty")

@@ -1,0 +1,120 @@
+"""Atomic checkpoints of a DeepSpeed run.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000100/          one finished checkpoint (DeepSpeed's files +
+        cimfast_state.json  cimfast's own state: step, counters, config)
+    latest                  name of the newest finished checkpoint
+
+A checkpoint is written into ``.tmp-step_N`` and renamed into place only when
+every rank has finished writing; ``latest`` is replaced atomically after
+that. A kill at any moment leaves the previous checkpoint and ``latest``
+intact; leftover ``.tmp-*`` folders are removed at the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch.distributed as dist
+
+STATE_FILE = "cimfast_state.json"
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def finished_checkpoints(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root)
+                  if d.startswith("step_") and os.path.isfile(os.path.join(root, d, STATE_FILE)))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """Path of the newest finished checkpoint, or None."""
+    root = checkpoint_root(output_dir)
+    pointer = os.path.join(root, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            tag = f.read().strip()
+        if os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+            return os.path.join(root, tag)
+    done = finished_checkpoints(root)  # the pointer is missing or stale: fall back to the newest
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save(engine, output_dir: str, step: int, state: dict, keep: int, rank: int) -> str:
+    """Write a checkpoint of ``engine`` with cimfast's ``state``; returns its path. Call on all ranks."""
+    root = checkpoint_root(output_dir)
+    tag = tag_for(step)
+    tmp_root = os.path.join(root, f".tmp-{tag}")
+    final = os.path.join(root, tag)
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for d in os.listdir(root):
+            if d.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(tmp_root, tag=tag, save_latest=False)
+    _barrier()
+    if rank == 0:
+        _write_atomic(os.path.join(tmp_root, tag, STATE_FILE), json.dumps(state, indent=1))
+        if os.path.isdir(final):  # the same step saved twice (e.g. end of run after an interval save)
+            shutil.rmtree(final)
+        os.replace(os.path.join(tmp_root, tag), final)
+        _fsync_dir(root)
+        _write_atomic(os.path.join(root, "latest"), tag)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        for old in finished_checkpoints(root)[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load(engine, path: str) -> dict:
+    """Load ``engine`` (module, optimizer, scheduler) from a checkpoint folder; returns cimfast's state."""
+    path = os.path.normpath(path)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(f"{path} is not a finished cimfast checkpoint (no {STATE_FILE})")
+    load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    return read_state(path)

@@ -1,0 +1,60 @@
+"""The pictures that tell a person the method works."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _outline(canvas: np.ndarray, grid_mask: np.ndarray, patch: int, color) -> None:
+    """Draw a 1-px box around every patch where ``grid_mask`` is set."""
+    for i, j in zip(*np.nonzero(grid_mask)):
+        t, l = i * patch, j * patch
+        b, r = t + patch - 1, l + patch - 1
+        canvas[t, l:r + 1] = color
+        canvas[b, l:r + 1] = color
+        canvas[t:b + 1, l] = color
+        canvas[t:b + 1, r] = color
+
+
+def save_grid(visuals: dict, patch: int, path: str, max_rows: int = 8) -> None:
+    """Rows of original | corrupted (replaced patches outlined in red) |
+    restored (ResPix) or detected-as-replaced patches outlined in yellow (RevDet)."""
+    from PIL import Image
+
+    n = min(max_rows, visuals["original"].shape[0])
+    rows = []
+    for k in range(n):
+        orig = _to_uint8(visuals["original"][k])
+        corr = _to_uint8(visuals["corrupted"][k])
+        _outline(corr, visuals["replaced"][k].cpu().numpy() > 0, patch, (255, 0, 0))
+        if "restored" in visuals:
+            third = _to_uint8(visuals["restored"][k])
+        else:
+            third = _to_uint8(visuals["corrupted"][k])
+            _outline(third, visuals["detected"][k].cpu().numpy() > 0, patch, (255, 255, 0))
+        gap = np.full((orig.shape[0], 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([orig, gap, corr, gap, third], axis=1))
+        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
+    Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(path)
+
+
+def save_loss_plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "gen_loss", "enh_loss") if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,27 @@
+import glob
+import os
+
+import pytest
+
+from cimfast.cli import parse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))))
+def test_shipped_configs_parse(path):
+    cfg, run, ds, _ = parse(["--ds_config", path])
+    assert "cimfast" not in ds  # cimfast's section never reaches DeepSpeed
+    assert "gradient_clipping" in ds
+    opt = ds["optimizer"]["params"]
+    assert opt["betas"] == [0.9, 0.98] and opt["weight_decay"] == 0.05
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    if "demo" not in path:
+        assert ds["bf16"]["enabled"] is True
+
+
+def test_command_line_overrides_json_section():
+    cfg, run, _, _ = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_demo.json"),
+                            "--max_steps", "7", "--objective", "revdet", "--no-progress"])
+    assert run.max_steps == 7 and cfg.objective == "revdet" and run.progress is False
+    assert cfg.preset == "tiny" and cfg.img_size == 112  # the preset fills the rest

@@ -1,0 +1,197 @@
+"""The training entry point, run as users run it (subprocesses, gloo on the CPU)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cimfast import checkpoint
+from cimfast.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def ds_config(tmp, name, stage=2, batch=8, steps=6, **cim):
+    with open(os.path.join(ROOT, "configs", "ds_demo.json")) as f:
+        cfg = json.load(f)
+    cfg["train_batch_size"] = batch
+    cfg["zero_optimization"] = {"stage": stage}
+    # a fixed schedule, so runs of different --max_steps follow the same learning rates
+    cfg["scheduler"]["params"].update(total_num_steps=50, warmup_num_steps=3)
+    cfg["cimfast"] = {"preset": "tiny", "max_steps": steps, "log_interval": 1, "checkpoint_interval": 0,
+                      "image_interval": 0, "num_workers": 0, "demo_samples": 256, "progress": False, **cim}
+    path = os.path.join(tmp, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def run_train(args, ranks=1, timeout=600, **popen):
+    if ranks == 1:
+        cmd = [sys.executable, os.path.join(ROOT, "cimfast", "train.py")]
+    else:
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+               os.path.join(ROOT, "cimfast", "train.py")]
+    return subprocess.run(cmd + args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted 1-rank run and one 2-rank run at the same global batch (ZeRO-2, fp32)."""
+    tmp = str(tmp_path_factory.mktemp("train"))
+    cfg = ds_config(tmp, "zero2")
+    one = os.path.join(tmp, "one")
+    r = run_train(["--ds_config", cfg, "--output_dir", one, "--image_interval", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = os.path.join(tmp, "two")
+    r2 = run_train(["--ds_config", cfg, "--output_dir", two], ranks=2)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    return {"tmp": tmp, "cfg": cfg, "one": one, "two": two}
+
+
+def test_one_and_two_ranks_agree_zero2(runs):
+    a, b = losses(runs["one"]), losses(runs["two"])
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
+
+
+def test_outputs_of_a_run(runs):
+    out = runs["one"]
+    for name in ("config.json", "metrics.jsonl", "loss.png", "picture_step00000003.png", "picture_final.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.listdir(os.path.join(out, "tensorboard"))
+    assert checkpoint.latest_checkpoint(out).endswith("step_00000006")
+    recs = read_metrics(out)
+    assert {"loss", "gen_loss", "enh_loss", "gen_acc", "replaced_frac", "lr", "img_per_s", "data_wait",
+            "grad_norm"} <= set(recs[0])
+    # the loss falls: the generator learns the tokens quickly
+    assert recs[-1]["gen_loss"] < recs[0]["gen_loss"]
+
+
+def test_zero3_two_ranks_and_export(runs, tmp_path):
+    cfg = ds_config(str(tmp_path), "zero3", stage=3, steps=3)
+    out = str(tmp_path / "z3")
+    r = run_train(["--ds_config", cfg, "--output_dir", out], ranks=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = losses(runs["one"]), losses(out)
+    for s in b:
+        assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
+    r = subprocess.run([sys.executable, "-m", "cimfast.export", out, str(tmp_path / "enh.safetensors")],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _load_into_timm(str(tmp_path / "enh.safetensors"))
+
+
+def _load_into_timm(path):
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=112, depth=4)
+    m.load_state_dict(sd, strict=True)
+
+
+def test_export_zero2_into_timm(runs, tmp_path):
+    from cimfast.export import export
+
+    info = export(runs["one"], str(tmp_path / "e.safetensors"))
+    assert info["step"] == 6
+    _load_into_timm(str(tmp_path / "e.safetensors"))
+
+
+def test_sigterm_checkpoints_and_resume_continues_exactly(runs, tmp_path):
+    out = str(tmp_path / "sig")
+    cmd = [sys.executable, os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", runs["cfg"], "--output_dir", out,
+           "--max_steps", "200"]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and max(losses(out), default=0) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    stopped = checkpoint.read_state(checkpoint.latest_checkpoint(out))
+    assert stopped["reason"] == "signal" and 2 <= stopped["step"] < 6, stopped
+    r = run_train(["--ds_config", runs["cfg"], "--output_dir", out, "--resume", "auto", "--max_steps", "6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(runs["one"]), losses(out)
+    assert sorted(b) == list(range(1, 7))
+    for s in range(stopped["step"] + 1, 7):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys
+from cimfast import checkpoint
+class Engine:  # writes half a checkpoint, then the process is killed
+    def save_checkpoint(self, root, tag, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save(Engine(), sys.argv[1], 999, {"step": 999}, keep=3, rank=0)
+"""
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous(runs, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(runs["one"], out)
+    before = checkpoint.latest_checkpoint(out)
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, out], env=ENV)
+    assert r.returncode == -signal.SIGKILL
+    assert checkpoint.latest_checkpoint(out) == before
+    from cimfast.export import full_state_dict
+
+    sd = full_state_dict(before)  # the previous checkpoint still loads
+    assert any(k.startswith("enhancer.") for k in sd) and all(torch.isfinite(v).all() for v in sd.values())
+
+
+@pytest.mark.parametrize("section,flag,key", [
+    ({"windw": 9}, [], "windw"),
+    ({"window": "nine"}, [], "window"),
+    ({"num_masked": 500}, [], "num_masked"),
+    ({}, ["--objective", "mae"], "objective"),
+    ({}, ["--max_steps", "0"], "max_steps"),
+])
+def test_bad_config_names_the_key_before_building(tmp_path, section, flag, key):
+    cfg = ds_config(str(tmp_path), "bad", **section)
+    out = str(tmp_path / "never")
+    r = run_train(["--ds_config", cfg, "--output_dir", out] + flag, timeout=120)
+    assert r.returncode == 2
+    assert key in r.stderr and "configuration error" in r.stderr
+    assert not os.path.exists(out)  # nothing was built or written
+
+
+def test_help_explains_options():
+    r = subprocess.run([sys.executable, "-m", "cimfast.train", "--help"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0
+    for opt in ("--output_dir", "--max_steps", "--resume", "--objective", "--preset", "--data_path"):
+        assert opt in r.stdout
+
+
+def test_nonfinite_losses_stop_with_checkpoint(tmp_path):
+    cfg_path = ds_config(str(tmp_path), "nan", steps=30, max_nonfinite=2)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["optimizer"]["params"]["lr"] = 1e9  # blows the weights up within a few steps
+    cfg["gradient_clipping"] = 0.0
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    out = str(tmp_path / "nan")
+    r = run_train(["--ds_config", cfg_path, "--output_dir", out])
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "non-finite losses in a row" in r.stderr
+    state = checkpoint.read_state(checkpoint.latest_checkpoint(out))
+    assert state["reason"] == "non-finite losses" and state["nonfinite_total"] >= 2
