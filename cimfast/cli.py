@@ -7,6 +7,7 @@ Precedence, lowest first: dataclass defaults and the preset, the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,23 +26,23 @@ def _arg_type(t):
     return t
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cimfast.train",
-        description="Corrupted Image Modeling pre-training. Settings come from the dataclass "
-                    "defaults and the preset, then the \"cimfast\" section of --ds_config, then "
-                    "these flags. Everything else in --ds_config (batch sizes, optimizer, scheduler, "
-                    "bf16/fp16, ZeRO, clipping) is DeepSpeed's own.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+DESCRIPTION = ("Settings come from the dataclass defaults and the preset, then the \"cimfast\" section "
+               "of --ds_config, then these flags. Everything else in --ds_config (batch sizes, optimizer, "
+               "scheduler, bf16/fp16, ZeRO, clipping) is DeepSpeed's own.")
+
+
+def build_parser(groups, prog: str, what: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=f"{what} {DESCRIPTION}")
     p.add_argument("--ds_config", default=None,
                    help="DeepSpeed JSON config (default: configs/ds_demo.json beside the package)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    for group_name, cls in (("model and objective", Config), ("run", RunConfig)):
+    for group_name, cls in groups:
         g = p.add_argument_group(group_name)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             t = _arg_type(hints[f.name])
-            kw = dict(default=None, help=f.metadata.get("help", "") + f" (default: {f.default})")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kw = dict(default=None, help=f.metadata.get("help", "") + f" (default: {default})")
             if t is bool:
                 g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
             elif t is tuple:
@@ -51,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_ds_config() -> str:
+def default_ds_config(name: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(here, "..", "configs", "ds_demo.json"), os.path.join(here, "configs", "ds_demo.json")):
+    for cand in (os.path.join(here, "..", "configs", name), os.path.join(here, "configs", name)):
         if os.path.isfile(cand):
             return os.path.normpath(cand)
-    raise ConfigError("ds_config: no --ds_config given and configs/ds_demo.json was not found")
+    raise ConfigError(f"ds_config: no --ds_config given and configs/{name} was not found")
 
 
 def read_ds_config(path: str) -> dict:
@@ -72,34 +73,39 @@ def read_ds_config(path: str) -> dict:
     return d
 
 
-def parse(argv=None) -> tuple[Config, RunConfig, dict, str]:
-    """Returns (model config, run config, DeepSpeed config, ds config path); raises ConfigError."""
-    args = build_parser().parse_args(argv)
-    ds_path = args.ds_config or default_ds_config()
+GROUPS = (("model and objective", Config), ("run", RunConfig))
+
+
+def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
+          default_config="ds_demo.json"):
+    """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
+
+    Classes with a ``resolve()`` method (presets) are resolved; all are validated."""
+    args = build_parser(groups, prog, what).parse_args(argv)
+    ds_path = args.ds_config or default_ds_config(default_config)
     ds = read_ds_config(ds_path)
     section = ds.pop(SECTION, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{SECTION}: the \"{SECTION}\" section of {ds_path} must be a JSON object")
-    names = {c: {f.name for f in fields(c)} for c in (Config, RunConfig)}
-    unknown = sorted(set(section) - names[Config] - names[RunConfig])
+    classes = [c for _, c in groups]
+    names = {c: {f.name for f in fields(c)} for c in classes}
+    known = set().union(*names.values())
+    unknown = sorted(set(section) - known)
     if unknown:
-        raise ConfigError(f"{SECTION}.{unknown[0]}: unknown key in {ds_path}; known keys: "
-                          f"{', '.join(sorted(names[Config] | names[RunConfig]))}")
-    values = {c: {} for c in (Config, RunConfig)}
-    for c in values:
+        raise ConfigError(f"{SECTION}.{unknown[0]}: unknown key in {ds_path}; known keys: {', '.join(sorted(known))}")
+    out = []
+    for c in classes:
         hints = typing.get_type_hints(c)
-        for k, v in section.items():
-            if k in names[c]:
-                values[c][k] = coerce(k, v, hints)
+        values = {k: coerce(k, v, hints) for k, v in section.items() if k in names[c]}
         for k in names[c]:
             v = getattr(args, k)
             if v is not None:
-                values[c][k] = coerce(k, tuple(v) if isinstance(v, list) else v, hints)
-    cfg = Config(**values[Config]).resolve()
-    run = RunConfig(**values[RunConfig])
-    run.validate()
+                values[k] = coerce(k, tuple(v) if isinstance(v, list) else v, hints)
+        obj = c(**values)
+        obj.resolve() if hasattr(obj, "resolve") else obj.validate()
+        out.append(obj)
     validate_ds_config(ds)
-    return cfg, run, ds, ds_path
+    return (*out, ds, ds_path)
 
 
 def validate_ds_config(ds: dict) -> None:

@@ -16,14 +16,20 @@ log = logging.getLogger("cimfast")
 
 
 def build_dataset(cfg: Config, run: RunConfig):
+    """CIM's data: both views and a blockwise mask per sample."""
     masks = BlockMaskGenerator(cfg.grid, cfg.num_masked, cfg.min_block)
-    kw = dict(seed=run.seed, mask_fn=masks)
+    return build_image_dataset(run, cfg.img_size, cfg.tokenizer_size, masks)
+
+
+def build_image_dataset(run: RunConfig, size: int, tok_size, mask_fn):
+    """The run's images (``data_path`` or the demo photographs) as random crops."""
+    kw = dict(seed=run.seed, mask_fn=mask_fn)
     if run.data_path:
         files = list_images(run.data_path)
         log.info("data: %d images from %s", len(files), run.data_path)
-        return FileListDataset(files, cfg.img_size, cfg.tokenizer_size, **kw)
+        return FileListDataset(files, size, tok_size, **kw)
     log.info("data: the built-in demo photographs (%d crops per epoch)", run.demo_samples)
-    return DemoDataset(cfg.img_size, cfg.tokenizer_size, samples=run.demo_samples, **kw)
+    return DemoDataset(size, tok_size, samples=run.demo_samples, **kw)
 
 
 def build_loader(dataset, micro_batch: int, rank: int, world: int, seed: int, start_micro_step: int,

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cimfast.kernels.sampling import hash32, uniform_from_bits
 from cimfast.tokenizer import Tokenizer, map_pixels, unmap_pixels
 
 
@@ -39,11 +40,25 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (logq.exp() * logq).sum(1).mean() + math.log(logits.shape[1])
 
 
-def dvae_loss(tok: Tokenizer, x01: torch.Tensor, tau: float, beta: float, hard: bool = False) -> dict:
+def gumbel_noise(sample_keys: torch.Tensor, shape) -> torch.Tensor:
+    """Counter-based Gumbel noise [B, V, h, w]: a pure function of each sample's
+    key, so resumed and differently sharded runs draw the same noise."""
+    B = shape[0]
+    n = math.prod(shape[1:])
+    idx = torch.arange(n, device=sample_keys.device, dtype=torch.int64)
+    u = uniform_from_bits(hash32(hash32(sample_keys.to(torch.int64) ^ 0x5BD1E995).unsqueeze(1) ^ idx))
+    return -torch.log(-torch.log(u)).view(B, *shape[1:])
+
+
+def dvae_loss(tok: Tokenizer, x01: torch.Tensor, tau: float, beta: float, sample_keys: torch.Tensor,
+              hard: bool = False) -> dict:
     """One dVAE step's loss on images ``x01`` [B, 3, H, W] in [0, 1]."""
     x = map_pixels(x01)
     logits = tok.encoder(x)  # [B, V, h, w]
-    soft = F.gumbel_softmax(logits.float(), tau=tau, hard=hard, dim=1)
+    y = ((logits.float() + gumbel_noise(sample_keys, logits.shape)) / tau).softmax(dim=1)
+    if hard:  # straight-through: one-hot forward, relaxed gradient
+        y = F.one_hot(y.argmax(1), y.shape[1]).permute(0, 3, 1, 2).float() - y.detach() + y
+    soft = y
     params = tok.decoder.forward_soft(soft.permute(0, 2, 3, 1))
     nll = logit_laplace_nll(x, params)
     kl = kl_to_uniform(logits)

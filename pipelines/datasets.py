@@ -22,6 +22,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 class TwoViewDataset(Dataset):
     """Base: subclasses implement ``__len__`` and ``load(index) -> uint8 [3, H, W]``.
 
+    ``tok_size`` None gives the one view ``images`` only.
+
     ``mask_fn(rng) -> array`` (optional) adds a per-sample mask drawn from the
     sample's own generator (stream 1).
     """
@@ -38,8 +40,9 @@ class TwoViewDataset(Dataset):
         img = self.load(index)
         params = crop_params(sample_rng(self.seed, epoch, index, 0), img.shape[1], img.shape[2])
         big, small = two_views(img, params, self.size, self.tok_size)
-        out = {"images": big, "images_tok": small,
-               "sample_key": torch.tensor(int(sample_rng(self.seed, epoch, index, 2).integers(1 << 32)))}
+        out = {"images": big, "sample_key": torch.tensor(int(sample_rng(self.seed, epoch, index, 2).integers(1 << 32)))}
+        if small is not None:
+            out["images_tok"] = small
         if self.mask_fn is not None:
             out["mask"] = torch.from_numpy(np.asarray(self.mask_fn(sample_rng(self.seed, epoch, index, 1))).reshape(-1))
         return out

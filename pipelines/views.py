@@ -48,11 +48,13 @@ def crop_params(rng: np.random.Generator, height: int, width: int, scale=SCALE, 
 
 def two_views(img: torch.Tensor, params, size: int, tok_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [3, H, W] -> (enhancer view [3, size, size], tokenizer view
-    [3, tok_size, tok_size]), both float in [0, 1], from one crop and one flip."""
+    [3, tok_size, tok_size] or None), both float in [0, 1], from one crop and one flip."""
     top, left, h, w, flip = params
     crop = img[:, top:top + h, left:left + w].unsqueeze(0).float().div_(255)
     if flip:
         crop = crop.flip(-1)
     big = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if tok_size is None:
+        return big[0].clamp_(0, 1), None
     small = F.interpolate(crop, size=(tok_size, tok_size), mode="bilinear", antialias=True, align_corners=False)
     return big[0].clamp_(0, 1), small[0].clamp_(0, 1)

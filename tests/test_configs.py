@@ -8,7 +8,8 @@ from cimfast.cli import parse
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))))
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "ds_*.json"))
+                                         if "tokenizer" not in p))
 def test_shipped_configs_parse(path):
     cfg, run, ds, _ = parse(["--ds_config", path])
     assert "cimfast" not in ds  # cimfast's section never reaches DeepSpeed
@@ -25,3 +26,10 @@ def test_command_line_overrides_json_section():
                             "--max_steps", "7", "--objective", "revdet", "--no-progress"])
     assert run.max_steps == 7 and cfg.objective == "revdet" and run.progress is False
     assert cfg.preset == "tiny" and cfg.img_size == 112  # the preset fills the rest
+
+
+def test_tokenizer_config_parses():
+    from cimfast.tokenizer_train import GROUPS
+
+    tcfg, run, ds, _ = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_tokenizer_demo.json")], GROUPS)
+    assert "cimfast" not in ds and tcfg.spec().vocab_size == 512 and run.max_steps > 0
