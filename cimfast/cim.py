@@ -40,6 +40,7 @@ class CIMModel(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.set_tokenizer(tokenizer)
+        self._counts_checked = False
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         # A plain attribute inside a tuple: not a registered submodule, so not in
@@ -49,6 +50,11 @@ class CIMModel(nn.Module):
     @property
     def tokenizer(self) -> Tokenizer:
         return self._frozen[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The trained networks' dtype (bf16 under a bf16 DeepSpeed engine)."""
+        return self.generator.head.weight.dtype
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         return (x01 - self.mean.to(x01.dtype)) / self.std.to(x01.dtype)
@@ -62,6 +68,12 @@ class CIMModel(nn.Module):
             raise ValueError(f"tokenizer view must be [B, 3, {t}, {t}], got {tuple(images_tok.shape)}")
         if images_tok.shape[0] != images.shape[0] or tuple(mask.shape) != (images.shape[0], cfg.grid ** 2):
             raise ValueError(f"mask must be [B, {cfg.grid ** 2}] for a batch of {images.shape[0]}, got {tuple(mask.shape)}")
+        if not self._counts_checked:  # once: reading the counts is a host sync
+            counts = mask.sum(1)
+            if not bool((counts == cfg.num_masked).all()):
+                raise ValueError(f"every mask must have exactly num_masked={cfg.num_masked} masked patches; "
+                                 f"got counts {counts.tolist()}")
+            self._counts_checked = True
 
     def forward(self, images: torch.Tensor, images_tok: torch.Tensor, mask: torch.Tensor,
                 sample_keys: torch.Tensor | None = None, return_visuals: bool = False) -> dict:
@@ -82,9 +94,11 @@ class CIMModel(nn.Module):
             ids = tok.tokenize(images_tok).reshape(B, grid * grid)
 
         # 3-4. the generator predicts tokens at masked patches
-        x = self.normalize(images)
-        logits = self.generator(x, mask)  # [M, vocab]
-        targets = ids[mask]
+        # every image has exactly num_masked masked patches: static shapes, no sync
+        pos = torch.nonzero_static(mask.reshape(-1), size=B * cfg.num_masked).squeeze(1)
+        x = self.normalize(images.to(self.dtype))
+        logits = self.generator(x, mask, pos)  # [M, vocab]
+        targets = ids.reshape(-1)[pos]
         gen_loss = F.cross_entropy(logits.float(), targets)
 
         # 5-6. sample, replace, decode: the corrupted image (no gradient)
@@ -92,11 +106,11 @@ class CIMModel(nn.Module):
             if sample_keys is None:
                 sample_keys = torch.arange(B, device=ids.device)
             corrupted_ids, replaced = sample_replace(logits, ids, mask, sample_keys, cfg.temperature)
-            corrupted = tok.decode(corrupted_ids.reshape(B, grid, grid)).to(images.dtype)
+            corrupted = tok.decode(corrupted_ids.reshape(B, grid, grid))
             corrupted = F.interpolate(corrupted, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
         # 7. the enhancer restores pixels or detects replaced tokens
-        out = self.enhancer(self.normalize(corrupted))  # [B, N, out]
+        out = self.enhancer(self.normalize(corrupted.to(self.dtype)))  # [B, N, out]
         if cfg.objective == "respix":
             pred = unpatchify(out, cfg.patch_size)
             enh_loss = window_norm_loss(pred, images, cfg.window)

@@ -150,7 +150,10 @@ class RunConfig:
     demo_samples: int = field(default=4096, metadata={"help": "demo crops per epoch"})
     peak_tflops: typing.Optional[float] = field(default=None, metadata={
         "help": "dense bf16 peak TFLOP/s per device for MFU (default: looked up by GPU name)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile generator and enhancer"})
+    compile: typing.Optional[bool] = field(default=None, metadata={
+        "help": "torch.compile the trained networks and the tokenizer (default: on with CUDA, off on a CPU)"})
+    tokenizer_bf16: typing.Optional[bool] = field(default=None, metadata={
+        "help": "run the frozen tokenizer in bf16, channels-last (default: on with CUDA)"})
     progress: bool = field(default=True, metadata={"help": "show the progress bar on rank 0"})
 
     def validate(self) -> None:

@@ -61,6 +61,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def compile_enabled(run: RunConfig, device: torch.device) -> bool:
+    return run.compile if run.compile is not None else device.type == "cuda"
+
+
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """No weight decay on biases, norms, position embeddings and learned tokens (BEiT's recipe)."""
     decay, no_decay = [], []
@@ -133,7 +137,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
     resume_path = resolve_resume(run)
     engine, _, _, _ = deepspeed.initialize(model=job.model, model_parameters=job.groups or param_groups(job.model),
                                            config=ds_cfg)
-    if run.compile:
+    if compile_enabled(run, device):
         engine.compile()
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     global_batch = micro * gas * world

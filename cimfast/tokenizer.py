@@ -216,6 +216,21 @@ class Tokenizer(nn.Module):
         self.decoder = Decoder(spec)
         self.requires_grad_(False)
         self.eval()
+        self.compute_dtype: torch.dtype | None = None  # None: the input's dtype
+        self._run = (self.encoder, self.decoder)  # a tuple: compiled wrappers are not submodules
+
+    def fast(self, dtype: torch.dtype | None = torch.bfloat16, compile: bool = False) -> "Tokenizer":
+        """The inference fast path: weights in ``dtype``, channels-last
+        activations, and (on CUDA) ``torch.compile``d encoder and decoder.
+        Token ids can differ from the fp32 ones where two logits tie within
+        bf16 precision."""
+        if dtype is not None:
+            self.to(dtype)
+            self.compute_dtype = dtype
+        self.to(memory_format=torch.channels_last)
+        if compile:
+            self._run = (torch.compile(self.encoder, dynamic=False), torch.compile(self.decoder, dynamic=False))
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -230,16 +245,19 @@ class Tokenizer(nn.Module):
         if x.shape[2] % DOWNSAMPLE or x.shape[3] % DOWNSAMPLE:
             raise ValueError(f"tokenizer image size {tuple(x.shape[2:])} is not a multiple of {DOWNSAMPLE}")
 
+    # no_grad rather than inference_mode: the decoded image is the enhancer's
+    # input, and autograd may not save inference tensors for backward.
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> token ids [B, H/8, W/8] (argmax of the logits)."""
         self._check(x)
-        return self.encoder(map_pixels(x)).argmax(dim=1)
+        x = map_pixels(x).to(self.compute_dtype or x.dtype).contiguous(memory_format=torch.channels_last)
+        return self._run[0](x).argmax(dim=1)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, h, w] -> image [B, 3, 8h, 8w] in [0, 1]."""
-        return unmap_pixels(torch.sigmoid(self.decoder(ids)[:, :3].float()))
+        """Token ids [B, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (fp32)."""
+        return unmap_pixels(torch.sigmoid(self._run[1](ids)[:, :3].float()))
 
     @torch.no_grad()
     def decode_onehot(self, ids: torch.Tensor) -> torch.Tensor:

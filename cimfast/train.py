@@ -28,7 +28,7 @@ import torch
 
 from cimfast.cli import parse
 from cimfast.config import Config, ConfigError, RunConfig
-from cimfast.runtime import Job, fill_auto, finish, init_distributed, run_job, setup_logging
+from cimfast.runtime import Job, compile_enabled, fill_auto, finish, init_distributed, run_job, setup_logging
 
 
 def main(argv=None) -> int:
@@ -59,6 +59,8 @@ def train(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str) -> int:
 
     dataset = build_dataset(cfg, run)  # a bad data path fails before anything is built
     tokenizer = build_tokenizer(cfg).to(device)
+    if run.tokenizer_bf16 if run.tokenizer_bf16 is not None else device.type == "cuda":
+        tokenizer.fast(torch.bfloat16, compile=compile_enabled(run, device))
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     model = CIMModel(cfg, tokenizer)
     shown = fixed_batch(dataset, 8)

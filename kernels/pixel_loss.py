@@ -6,11 +6,27 @@ window the extra row/column lies above/left), clipped at the image border
 (only real pixels count). The target is ``(x - mean) / sqrt(var + eps)``; the
 loss is the mean over all elements of ``(pred - target) ** 2``. The gradient
 flows to ``pred`` only.
+
+``pred`` may come in image layout [B, C, H, W] (``patch=0``) or straight from
+a ViT head in patch layout [B, N, patch*patch*C] (MAE's ``patchify`` order:
+patch n = (y//p)*(W//p) + x//p, index within it ((y%p)*p + x%p)*C + c), which
+the fused kernel reads in place: no unpatchify copy.
+
+The fused kernel never materializes the target: each program loops over the
+window of its pixels for the mean and variance, forms the target and sums its
+squared errors into a per-program partial sum; the backward kernel recomputes
+the target. ``window_norm_loss`` dispatches (``cimfast.kernels.dispatch``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from cimfast.kernels.dispatch import HAS_TRITON, INTERPRETER, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 EPS = 1e-6
 
@@ -38,9 +54,26 @@ def window_normalize(x: torch.Tensor, window: int, eps: float = EPS) -> tuple[to
     return (x - mean) / std, mean, std
 
 
+def _unpatchify(pred: torch.Tensor, patch: int, image_shape) -> torch.Tensor:
+    """[B, N, patch*patch*C] in MAE's order -> [B, C, H, W] for an image of ``image_shape``
+    (any H, W that are multiples of ``patch``; ``vit.unpatchify`` assumes a square grid)."""
+    B, C, H, W = image_shape
+    if H % patch or W % patch:
+        raise ValueError(f"image {H}x{W} is not a whole number of {patch}x{patch} patches")
+    h, w = H // patch, W // patch
+    if tuple(pred.shape) != (B, h * w, patch * patch * C):
+        raise ValueError(f"prediction {tuple(pred.shape)} is not the patch layout "
+                         f"{(B, h * w, patch * patch * C)} of image {tuple(image_shape)}")
+    x = pred.reshape(B, h, w, patch, patch, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
 def window_norm_loss_reference(pred: torch.Tensor, image: torch.Tensor, window: int,
-                               eps: float = EPS) -> torch.Tensor:
-    """pred, image: [B, C, H, W]. Returns the scalar loss (fp32; fp64 for fp64 inputs)."""
+                               eps: float = EPS, patch: int = 0) -> torch.Tensor:
+    """pred: [B, C, H, W], or [B, N, patch*patch*C] with ``patch``; image: [B, C, H, W].
+    Returns the scalar loss (fp32; fp64 for fp64 inputs)."""
+    if patch:
+        pred = _unpatchify(pred, patch, image.shape)
     if pred.shape != image.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and image {tuple(image.shape)} differ in shape")
     with torch.no_grad():
@@ -49,6 +82,180 @@ def window_norm_loss_reference(pred: torch.Tensor, image: torch.Tensor, window: 
     return ((pred.to(dtype) - target.to(dtype)) ** 2).mean()
 
 
-def window_norm_loss(pred, image, window: int, eps: float = EPS):
-    """Dispatch point for the ResPix loss (see ``cimfast.kernels.dispatch``)."""
-    return window_norm_loss_reference(pred, image, window, eps)
+# --------------------------------------------------------------------------- kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _window_target(img_ptr, offs, ok, H, W, eps, WINDOW: tl.constexpr):
+        """Target of the pixels at flat offsets ``offs`` of a contiguous [B, C, H, W] image."""
+        x = offs % W
+        y = (offs // W) % H
+        lo = WINDOW // 2
+        centre = tl.load(img_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        # Sums of (neighbour - centre): the same mean and variance as the
+        # reference's E[x^2] - E[x]^2, without its cancellation in flat regions.
+        s = tl.zeros_like(centre)
+        ss = tl.zeros_like(centre)
+        for dy in range(WINDOW):
+            yy = y + (dy - lo)
+            row_ok = ok & (yy >= 0) & (yy < H)
+            for dx in range(WINDOW):
+                xx = x + (dx - lo)
+                nb_ok = row_ok & (xx >= 0) & (xx < W)
+                v = tl.load(img_ptr + offs + ((dy - lo) * W + (dx - lo)), mask=nb_ok, other=0.0)
+                d = tl.where(nb_ok, v.to(tl.float32) - centre, 0.0)
+                s += d
+                ss += d * d
+        # Only real pixels count: the window clipped at the border, counted exactly.
+        rows = tl.minimum(y - lo + WINDOW, H) - tl.maximum(y - lo, 0)
+        cols = tl.minimum(x - lo + WINDOW, W) - tl.maximum(x - lo, 0)
+        count = (rows * cols).to(tl.float32)
+        mean_d = s / count  # mean - centre
+        var = tl.maximum(ss / count - mean_d * mean_d, 0.0)
+        return -mean_d / tl.sqrt_rn(var + eps)  # (centre - mean) / std
+
+    @triton.jit
+    def _pred_offsets(offs, C, H, W, PATCH: tl.constexpr):
+        """Where pixel ``offs`` of [B, C, H, W] lives in pred: the same place, or MAE's patch layout."""
+        if PATCH == 0:
+            return offs
+        x = offs % W
+        y = (offs // W) % H
+        plane = offs // (H * W)
+        c = plane % C
+        b = plane // C
+        patch_index = (y // PATCH) * (W // PATCH) + x // PATCH
+        within = ((y % PATCH) * PATCH + x % PATCH) * C + c
+        return b * (C * H * W) + patch_index * (PATCH * PATCH * C) + within
+
+    @triton.jit
+    def _window_norm_loss_fwd_kernel(pred_ptr, img_ptr, partial_ptr, numel, C, H, W, eps,
+                                     WINDOW: tl.constexpr, PATCH: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        target = _window_target(img_ptr, offs, ok, H, W, eps, WINDOW)
+        p = tl.load(pred_ptr + _pred_offsets(offs, C, H, W, PATCH), mask=ok, other=0.0).to(tl.float32)
+        d = tl.where(ok, p - target, 0.0)
+        # One partial sum per program, summed on the host side: deterministic, no atomics.
+        tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def _window_norm_loss_bwd_kernel(grad_out_ptr, pred_ptr, img_ptr, grad_ptr, numel, C, H, W, eps,
+                                     WINDOW: tl.constexpr, PATCH: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        target = _window_target(img_ptr, offs, ok, H, W, eps, WINDOW)  # recomputed, never stored
+        p_offs = _pred_offsets(offs, C, H, W, PATCH)
+        p = tl.load(pred_ptr + p_offs, mask=ok, other=0.0).to(tl.float32)
+        scale = tl.load(grad_out_ptr).to(tl.float32) * 2.0 / numel
+        tl.store(grad_ptr + p_offs, ((p - target) * scale).to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch_config(block: int) -> tuple[int, int]:
+    """(pixels per program, warps). 0 means: pick."""
+    if block and block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    # The interpreter runs programs one after another (NOTES.md): few wide programs.
+    block = block or (4096 if INTERPRETER else 1024)
+    return block, 8 if block >= 2048 else 4
+
+
+def _check_shapes(pred, image, window, patch):
+    if image.dim() != 4:
+        raise ValueError(f"expected images [B, C, H, W], got {tuple(image.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if patch < 0:
+        raise ValueError(f"patch must be 0 (image layout) or the patch size, got {patch}")
+    if patch:
+        B, C, H, W = image.shape
+        if H % patch or W % patch:
+            raise ValueError(f"image {H}x{W} is not a whole number of {patch}x{patch} patches")
+        expected = (B, (H // patch) * (W // patch), patch * patch * C)
+        if tuple(pred.shape) != expected:
+            raise ValueError(f"prediction {tuple(pred.shape)} is not the patch layout {expected} "
+                             f"of image {tuple(image.shape)}")
+    elif pred.shape != image.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and image {tuple(image.shape)} differ in shape")
+    if image.numel() >= 2**31:
+        raise ValueError("the fused loss indexes with int32: split batches of 2**31 elements or more")
+
+
+# ----------------------------------------------------------------- host wrapper + ops
+
+@torch.library.custom_op("cimfast::window_norm_loss", mutates_args=())
+def _window_norm_loss_op(pred: torch.Tensor, image: torch.Tensor, window: int, eps: float, patch: int,
+                         block: int = 0) -> torch.Tensor:
+    """Scalar fp32 loss; pred in image layout (patch=0) or MAE's patch layout."""
+    pred, image = pred.contiguous(), image.contiguous()
+    _, C, H, W = image.shape
+    numel = image.numel()
+    block, num_warps = _launch_config(block)
+    programs = triton.cdiv(numel, block)
+    partial = torch.empty(programs, dtype=torch.float32, device=pred.device)
+    _window_norm_loss_fwd_kernel[(programs,)](
+        pred, image, partial, numel, C, H, W, float(eps),
+        WINDOW=window, PATCH=patch, BLOCK=block, num_warps=num_warps)
+    return partial.sum() / numel
+
+
+@_window_norm_loss_op.register_fake
+def _(pred, image, window, eps, patch, block=0):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("cimfast::window_norm_loss_backward", mutates_args=())
+def _window_norm_loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, image: torch.Tensor, window: int,
+                                  eps: float, patch: int, block: int = 0) -> torch.Tensor:
+    """d loss / d pred times grad_out, in pred's layout and dtype."""
+    pred, image = pred.contiguous(), image.contiguous()
+    _, C, H, W = image.shape
+    numel = image.numel()
+    grad = torch.empty_like(pred)
+    block, num_warps = _launch_config(block)
+    _window_norm_loss_bwd_kernel[(triton.cdiv(numel, block),)](
+        grad_out.contiguous(), pred, image, grad, numel, C, H, W, float(eps),
+        WINDOW=window, PATCH=patch, BLOCK=block, num_warps=num_warps)
+    return grad
+
+
+@_window_norm_loss_backward_op.register_fake
+def _(grad_out, pred, image, window, eps, patch, block=0):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _window_norm_loss_setup_context(ctx, inputs, output):
+    pred, image, window, eps, patch, block = inputs
+    ctx.save_for_backward(pred, image)
+    ctx.args = (window, eps, patch, block)
+
+
+def _window_norm_loss_backward(ctx, grad_out):
+    pred, image = ctx.saved_tensors
+    grad = torch.ops.cimfast.window_norm_loss_backward(grad_out, pred, image, *ctx.args)
+    return grad, None, None, None, None, None  # the target is a constant: no gradient to the image
+
+
+_window_norm_loss_op.register_autograd(_window_norm_loss_backward, setup_context=_window_norm_loss_setup_context)
+
+
+def window_norm_loss_triton(pred: torch.Tensor, image: torch.Tensor, window: int, eps: float = EPS,
+                            patch: int = 0, *, block: int = 0) -> torch.Tensor:
+    """The fused kernels (CUDA, or the CPU under TRITON_INTERPRET=1); fp32/bf16/fp16
+    inputs, fp32 math, fp32 loss. ``block`` overrides pixels per program (tests)."""
+    if not HAS_TRITON:
+        raise RuntimeError("window_norm_loss_triton needs triton")
+    _check_shapes(pred, image, window, patch)
+    return torch.ops.cimfast.window_norm_loss(pred, image, int(window), float(eps), int(patch), int(block))
+
+
+def window_norm_loss(pred, image, window: int, eps: float = EPS, patch: int = 0):
+    """Dispatch point for the ResPix loss (see ``cimfast.kernels.dispatch``): the
+    kernel or ``window_norm_loss_reference``. fp64 inputs (gradcheck) always take
+    the reference: the kernels compute in fp32."""
+    if pred.dtype != torch.float64 and image.dtype != torch.float64 and use_triton(pred, image):
+        return window_norm_loss_triton(pred, image, window, eps, patch)
+    return window_norm_loss_reference(pred, image, window, eps, patch)

@@ -3,6 +3,8 @@ global batches, each rank taking its slice. Resume starts at a global sample
 position; the same global batch on 1 or N ranks covers the same samples."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from torch.utils.data import Sampler
 
@@ -22,6 +24,20 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return np.arange(self.n)
         return np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a global micro-step."""
+        return divmod(int(step), self.steps_per_epoch)
+
+    def step_indices(self, step: int, order: Optional[np.ndarray] = None) -> tuple[int, np.ndarray]:
+        """(epoch, this rank's sample indices) of global micro-step ``step``: a
+        pure function of the step (``order``: this epoch's ``order(epoch)``, if
+        the caller keeps it)."""
+        epoch, k = self.position(step)
+        if order is None:
+            order = self.order(epoch)
+        lo = k * self.global_batch + self.rank * self.b
+        return epoch, order[lo:lo + self.b]
 
     def __iter__(self):
         """Endless: (epoch, index) pairs, this rank's share of global step after step."""

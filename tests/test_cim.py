@@ -106,3 +106,12 @@ def test_dalle_preset_without_tokenizer_says_what_to_download():
     cfg = Config(preset="base").resolve()
     with pytest.raises(FileNotFoundError, match="encoder.pkl and decoder.pkl"):
         build_tokenizer(cfg)
+
+
+def test_mask_with_wrong_count_is_refused():
+    cfg, model, ds = _setup()
+    x, xt, m, k = _batch(ds, range(2))
+    m = m.clone()
+    m[0, m[0].nonzero()[0]] = False
+    with pytest.raises(ValueError, match="exactly num_masked=20"):
+        model(x, xt, m, k)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cimfast.models.attention import attention_math, set_backend, attention
+from cimfast.models.attention import attention, attention_math, backend, set_backend
 from cimfast.models.resnet import ResNetEnhancer
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer, patchify, unpatchify
 
@@ -56,11 +56,14 @@ def test_timm_names_match():
     tr.load_state_dict(r.timm_state_dict(), strict=True)
 
 
-def test_attention_backends_agree():
-    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+@pytest.mark.parametrize("name", ["sdpa", "math"] + (["xformers"] if torch.cuda.is_available() else []))
+def test_attention_backends_agree_with_math(name):
+    """Every backend this machine can run agrees with math attention, forward and backward."""
+    dev = "cuda" if name == "xformers" else "cpu"
+    q, k, v = (torch.randn(2, 3, 10, 8, device=dev, requires_grad=True) for _ in range(3))
     ref = attention_math(q, k, v)
     try:
-        set_backend("sdpa")
+        set_backend(name)
         out = attention(q, k, v)
     finally:
         set_backend(None)
@@ -69,5 +72,27 @@ def test_attention_backends_agree():
     g_out = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(g_ref, g_out):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_attention_choice_and_errors(monkeypatch):
+    set_backend(None)
+    assert backend(torch.device("cpu"), torch.float32) == "sdpa"  # no xformers on a CPU
+    monkeypatch.setenv("CIMFAST_ATTENTION", "math")
+    assert backend(torch.device("cpu"), torch.float32) == "math"
+    monkeypatch.setenv("CIMFAST_ATTENTION", "flash9000")
+    with pytest.raises(ValueError, match="choose one of"):
+        backend(torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="choose one of"):
         set_backend("flash9000")
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    torch.manual_seed(0)
+    plain = ViTEnhancer(64, 16, 32, 3, 2, "respix")
+    ckpt = ViTEnhancer(64, 16, 32, 3, 2, "respix", grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for m in (plain, ckpt):
+        m(x).square().mean().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), n

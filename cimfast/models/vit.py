@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cimfast.models.attention import attention
@@ -148,9 +147,13 @@ class BEiTGenerator(nn.Module):
         self.head = nn.Linear(dim, vocab_size)
         _init_weights(self.head)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 3, H, W] normalized, mask [B, N] bool -> logits at masked
-        positions [M, vocab], rows in the order of ``mask.nonzero()``."""
+        positions [M, vocab], rows in the order of ``mask.nonzero()``.
+
+        ``pos`` (the flat indices of the masked positions, when the caller
+        knows their count, from ``torch.nonzero_static``) keeps shapes static:
+        no host sync, no graph break."""
         self.backbone.check_input(x)
         tokens = self.backbone.patch_embed(x)
         if mask.shape != tokens.shape[:2]:
@@ -158,7 +161,9 @@ class BEiTGenerator(nn.Module):
         w = mask.unsqueeze(-1).to(tokens.dtype)
         tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
         feats = self.backbone.forward_tokens(tokens)[:, 1:]
-        return self.head(feats[mask])
+        if pos is None:
+            return self.head(feats[mask])
+        return self.head(feats.flatten(0, 1)[pos])
 
 
 def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
