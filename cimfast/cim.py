@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cimfast.config import Config
-from cimfast.kernels import sample_replace, window_norm_loss, window_normalize
+from cimfast.kernels import sample_ce, window_norm_loss, window_normalize
 from cimfast.models.resnet import ResNetEnhancer
-from cimfast.models.vit import BEiTGenerator, ViTEnhancer, patchify, unpatchify
+from cimfast.models.vit import BEiTGenerator, ViTEnhancer, unpatchify
 from cimfast.tokenizer import Tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,22 +98,24 @@ class CIMModel(nn.Module):
         pos = torch.nonzero_static(mask.reshape(-1), size=B * cfg.num_masked).squeeze(1)
         x = self.normalize(images.to(self.dtype))
         logits = self.generator(x, mask, pos)  # [M, vocab]
-        targets = ids.reshape(-1)[pos]
-        gen_loss = F.cross_entropy(logits.float(), targets)
 
-        # 5-6. sample, replace, decode: the corrupted image (no gradient)
+        # 5. one pass over the logits: cross-entropy, draws, replaced labels
+        #    (the fused kernel on CUDA; no gradient crosses the draws)
+        if sample_keys is None:
+            sample_keys = torch.arange(B, device=ids.device)
+        gen = sample_ce(logits, ids, mask, sample_keys, cfg.temperature, positions=pos)
+        gen_loss = gen.loss_rows.mean()
+        corrupted_ids, replaced = gen.corrupted, gen.replaced
+
+        # 6. decode: the corrupted image
         with torch.no_grad():
-            if sample_keys is None:
-                sample_keys = torch.arange(B, device=ids.device)
-            corrupted_ids, replaced = sample_replace(logits, ids, mask, sample_keys, cfg.temperature)
             corrupted = tok.decode(corrupted_ids.reshape(B, grid, grid))
             corrupted = F.interpolate(corrupted, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
         # 7. the enhancer restores pixels or detects replaced tokens
         out = self.enhancer(self.normalize(corrupted.to(self.dtype)))  # [B, N, out]
-        if cfg.objective == "respix":
-            pred = unpatchify(out, cfg.patch_size)
-            enh_loss = window_norm_loss(pred, images, cfg.window)
+        if cfg.objective == "respix":  # pred stays in patch layout: no unpatchify copy
+            enh_loss = window_norm_loss(out, images, cfg.window, patch=cfg.patch_size)
         else:
             enh_loss = F.binary_cross_entropy_with_logits(out.squeeze(-1).float(), replaced)
 
@@ -124,7 +126,7 @@ class CIMModel(nn.Module):
                 "loss": loss,
                 "gen_loss": gen_loss.detach(),
                 "enh_loss": enh_loss.detach(),
-                "gen_acc": (logits.argmax(-1) == targets).float().mean(),
+                "gen_acc": gen.correct.float().mean(),
                 "replaced_frac": replaced.sum() / mask.sum().clamp_min(1),
             }
             if cfg.objective == "revdet":

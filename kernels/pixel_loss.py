@@ -119,15 +119,17 @@ if HAS_TRITON:
     def _pred_offsets(offs, C, H, W, PATCH: tl.constexpr):
         """Where pixel ``offs`` of [B, C, H, W] lives in pred: the same place, or MAE's patch layout."""
         if PATCH == 0:
-            return offs
-        x = offs % W
-        y = (offs // W) % H
-        plane = offs // (H * W)
-        c = plane % C
-        b = plane // C
-        patch_index = (y // PATCH) * (W // PATCH) + x // PATCH
-        within = ((y % PATCH) * PATCH + x % PATCH) * C + c
-        return b * (C * H * W) + patch_index * (PATCH * PATCH * C) + within
+            p_offs = offs
+        else:
+            x = offs % W
+            y = (offs // W) % H
+            plane = offs // (H * W)
+            c = plane % C
+            b = plane // C
+            patch_index = (y // PATCH) * (W // PATCH) + x // PATCH
+            within = ((y % PATCH) * PATCH + x % PATCH) * C + c
+            p_offs = b * (C * H * W) + patch_index * (PATCH * PATCH * C) + within
+        return p_offs
 
     @triton.jit
     def _window_norm_loss_fwd_kernel(pred_ptr, img_ptr, partial_ptr, numel, C, H, W, eps,
@@ -142,7 +144,7 @@ if HAS_TRITON:
         tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
 
     @triton.jit
-    def _window_norm_loss_bwd_kernel(grad_out_ptr, pred_ptr, img_ptr, grad_ptr, numel, C, H, W, eps,
+    def _window_norm_loss_bwd_kernel(grad_out_ptr, pred_ptr, img_ptr, grad_ptr, numel, C, H, W, eps, two_over_numel,
                                      WINDOW: tl.constexpr, PATCH: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -150,7 +152,7 @@ if HAS_TRITON:
         target = _window_target(img_ptr, offs, ok, H, W, eps, WINDOW)  # recomputed, never stored
         p_offs = _pred_offsets(offs, C, H, W, PATCH)
         p = tl.load(pred_ptr + p_offs, mask=ok, other=0.0).to(tl.float32)
-        scale = tl.load(grad_out_ptr).to(tl.float32) * 2.0 / numel
+        scale = tl.load(grad_out_ptr).to(tl.float32) * two_over_numel  # d mean((p - t)^2) / dp, times grad_out
         tl.store(grad_ptr + p_offs, ((p - target) * scale).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -217,7 +219,7 @@ def _window_norm_loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, im
     grad = torch.empty_like(pred)
     block, num_warps = _launch_config(block)
     _window_norm_loss_bwd_kernel[(triton.cdiv(numel, block),)](
-        grad_out.contiguous(), pred, image, grad, numel, C, H, W, float(eps),
+        grad_out.contiguous(), pred, image, grad, numel, C, H, W, float(eps), 2.0 / numel,
         WINDOW=window, PATCH=patch, BLOCK=block, num_warps=num_warps)
     return grad
 

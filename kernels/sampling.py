@@ -53,8 +53,10 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_from_bits(h: torch.Tensor) -> torch.Tensor:
-    """uint32 hash -> float32 uniform in (0, 1) from its top 24 bits."""
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    """uint32 hash -> float32 uniform in (0, 1) from its top 23 bits."""
+    # 23 bits: (2^23 - 0.5) / 2^23 is exact in fp32, so u < 1 always (with 24
+    # bits the top value rounds to 1.0 and its Gumbel noise to +inf)
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def row_keys(sample_keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,18 +84,24 @@ def _check(logits, ids, mask, sample_keys, temperature):
 
 
 def sample_replace_reference(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                             sample_keys: torch.Tensor, temperature: float = 1.0):
-    """Plain PyTorch: Gumbel noise [M, V], argmax, scatter. Returns (corrupted ids, replaced)."""
+                             sample_keys: torch.Tensor, temperature: float = 1.0, *,
+                             positions: torch.Tensor | None = None):
+    """Plain PyTorch: Gumbel noise [M, V], argmax, scatter. Returns (corrupted ids, replaced).
+
+    ``positions`` (optional): the flat masked indices (see ``sample_ce``); with
+    them no boolean indexing happens, so no host sync on CUDA."""
     _check(logits, ids, mask, sample_keys, temperature)
-    mask = mask.bool()
     with torch.no_grad():
-        keys = row_keys(sample_keys, mask)
-        if keys.shape[0] != logits.shape[0]:
-            raise ValueError(f"{logits.shape[0]} logit rows for {keys.shape[0]} masked positions")
+        if positions is None:
+            positions = mask.bool().reshape(-1).nonzero().squeeze(1)
+        if positions.shape[0] != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} logit rows for {positions.shape[0]} masked positions")
+        keys = row_keys_at(sample_keys, positions, ids.shape[1])
         scores = logits.detach().float() / temperature + gumbel_noise_reference(keys, logits.shape[1])
         draws = scores.argmax(dim=-1)
-        corrupted = ids.clone()
-        corrupted[mask] = draws.to(ids.dtype)
+        corrupted = ids.reshape(-1).clone()
+        corrupted[positions] = draws.to(ids.dtype)
+        corrupted = corrupted.view_as(ids)
         replaced = (corrupted != ids).float()
     return corrupted, replaced
 
@@ -106,11 +114,20 @@ class SampleCE(NamedTuple):
     correct: torch.Tensor    # [M] bool: argmax(logits) == original id
 
 
+def row_keys_at(sample_keys: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """``row_keys`` for masked positions given as flat indices into [B, n] (row-major,
+    the order of ``mask.nonzero()``): the same keys, without a data-dependent shape."""
+    positions = positions.to(torch.int64)
+    return hash32(hash32(sample_keys.to(torch.int64))[positions // n] ^ (positions % n))
+
+
 def sample_ce_reference(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                        sample_keys: torch.Tensor, temperature: float = 1.0) -> SampleCE:
-    """Plain PyTorch twin of the fused op: cross-entropy + ``sample_replace_reference`` + argmax."""
-    corrupted, replaced = sample_replace_reference(logits, ids, mask, sample_keys, temperature)
-    targets = ids[mask.bool()]
+                        sample_keys: torch.Tensor, temperature: float = 1.0, *,
+                        positions: torch.Tensor | None = None) -> SampleCE:
+    """Plain PyTorch twin of the fused op: cross-entropy + ``sample_replace_reference`` + argmax.
+    ``positions`` (optional) must be ``mask.flatten().nonzero()``'s indices; see ``sample_ce``."""
+    corrupted, replaced = sample_replace_reference(logits, ids, mask, sample_keys, temperature, positions=positions)
+    targets = ids[mask.bool()] if positions is None else ids.reshape(-1)[positions]
     loss_rows = F.cross_entropy(logits.float(), targets, reduction="none")
     with torch.no_grad():
         correct = logits.argmax(dim=-1) == targets
@@ -149,18 +166,17 @@ if HAS_TRITON:
         key = tl.load(keys_ptr + rows).to(tl.uint32)
         row_base = logits_ptr + rows * stride_row  # [ROWS] pointers
 
-        neg_inf = float("-inf")
-        m = tl.full((ROWS,), neg_inf, tl.float32)      # running max of the logits
-        s = tl.zeros((ROWS,), tl.float32)              # running sum of exp(x - m)
-        arg = tl.zeros((ROWS,), tl.int32)              # argmax of the logits
-        best = tl.full((ROWS,), neg_inf, tl.float32)   # running max of the Gumbel scores
-        draw = tl.zeros((ROWS,), tl.int32)             # its column: the draw
+        m = tl.full((ROWS,), float("-inf"), tl.float32)     # running max of the logits
+        s = tl.zeros((ROWS,), tl.float32)                   # running sum of exp(x - m)
+        arg = tl.zeros((ROWS,), tl.int32)                   # argmax of the logits
+        best = tl.full((ROWS,), float("-inf"), tl.float32)  # running max of the Gumbel scores
+        draw = tl.zeros((ROWS,), tl.int32)                  # its column: the draw
 
         # Pass 1: one read of the row, in BLOCK_V chunks (V need not be a multiple).
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
-            x = tl.load(row_base[:, None] + cols[None, :], mask=col_ok[None, :], other=neg_inf).to(tl.float32)
+            x = tl.load(row_base[:, None] + cols[None, :], mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
 
             cmax = tl.max(x, axis=1)
             # Strict '>' keeps the earlier chunk on ties: torch.argmax returns the first maximum.
@@ -171,8 +187,9 @@ if HAS_TRITON:
 
             # The reference's counter-based Gumbel noise, recomputed from (row key, column).
             h = _hash32(key[:, None] ^ cols[None, :].to(tl.uint32))
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # exact: 24 bits
-            score = tl.where(col_ok[None, :], x / temperature - tl.log(-tl.log(u)), neg_inf)
+            u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # as uniform_from_bits: 23 bits, u < 1
+            # div_rn: IEEE division like PyTorch's (a GPU's default '/' is approximate)
+            score = tl.where(col_ok[None, :], tl.math.div_rn(x, temperature) - tl.log(-tl.log(u)), float("-inf"))
             smax = tl.max(score, axis=1)
             draw = tl.where(smax > best, v0 + tl.argmax(score, axis=1), draw)
             best = tl.maximum(best, smax)
@@ -191,7 +208,7 @@ if HAS_TRITON:
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 col_ok = cols < V
-                x = tl.load(row_base[:, None] + cols[None, :], mask=col_ok[None, :], other=neg_inf).to(tl.float32)
+                x = tl.load(row_base[:, None] + cols[None, :], mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
                 g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
                 tl.store(grad_ptr + rows[:, None] * V + cols[None, :], g.to(grad_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])
@@ -305,7 +322,8 @@ _sample_ce_op.register_autograd(_sample_ce_backward, setup_context=_sample_ce_se
 
 
 def sample_ce_triton(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sample_keys: torch.Tensor,
-                     temperature: float = 1.0, *, block_v: int = 0, rows_per_program: int = 0) -> SampleCE:
+                     temperature: float = 1.0, *, positions: torch.Tensor | None = None,
+                     block_v: int = 0, rows_per_program: int = 0) -> SampleCE:
     """The fused kernel (CUDA, or the CPU under TRITON_INTERPRET=1). Same result as
     ``sample_ce_reference``; block_v/rows_per_program override the launch shape (tests)."""
     if not HAS_TRITON:
@@ -313,8 +331,11 @@ def sample_ce_triton(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     _check(logits, ids, mask, sample_keys, temperature)
     mask = mask.bool()
     with torch.no_grad():
-        keys = row_keys(sample_keys, mask)
-        positions = mask.flatten().nonzero().squeeze(1)
+        if positions is None:
+            keys = row_keys(sample_keys, mask)
+            positions = mask.flatten().nonzero().squeeze(1)
+        else:  # static shapes: no host sync, nothing data-dependent for torch.compile
+            keys = row_keys_at(sample_keys, positions, mask.shape[1])
     if torch.compiler.is_compiling():
         # nonzero's length is data-dependent: state the fact instead of branching on it
         # (compiling this needs torch._dynamo.config.capture_dynamic_output_shape_ops).
@@ -329,12 +350,17 @@ def sample_ce_triton(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
 
 
 def sample_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sample_keys: torch.Tensor,
-              temperature: float = 1.0) -> SampleCE:
+              temperature: float = 1.0, *, positions: torch.Tensor | None = None) -> SampleCE:
     """Cross-entropy rows, Gumbel-max replacement and accuracy in one pass
-    (``sample_ce_reference`` defines the result). Dispatches kernel/reference."""
+    (``sample_ce_reference`` defines the result). Dispatches kernel/reference.
+
+    ``positions``: optional [M] flat indices of the masked positions in [B, N],
+    row-major (what ``torch.nonzero_static(mask.flatten(), size=M)`` gives).
+    With them the kernel path needs no ``nonzero``/boolean indexing: no host
+    sync, static shapes under torch.compile. Without: taken from ``mask``."""
     if use_triton(logits, ids):
-        return sample_ce_triton(logits, ids, mask, sample_keys, temperature)
-    return sample_ce_reference(logits, ids, mask, sample_keys, temperature)
+        return sample_ce_triton(logits, ids, mask, sample_keys, temperature, positions=positions)
+    return sample_ce_reference(logits, ids, mask, sample_keys, temperature, positions=positions)
 
 
 def sample_replace(logits, ids, mask, sample_keys, temperature: float = 1.0):

@@ -155,6 +155,12 @@ _TV_IO = []
 def _tv_io():
     if not _TV_IO:
         try:
+            import warnings
+
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec (warning on every call);
+            # when they are gone, the attribute check below fails and PIL decodes everything
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
             import torchvision.io as io_
 
             io_.decode_jpeg, io_.decode_png, io_.ImageReadMode  # noqa: B018 (all present)

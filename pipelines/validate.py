@@ -158,43 +158,30 @@ def validate(root: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Optiona
     tag = _tag(root)
     cache_path = os.path.join(cache_dir, f"{tag}.cache.json")
     out = out or os.path.join(cache_dir, f"{tag}.clean.txt")
-    with _locked(cache_path + ".lock"):
-        entries = {}
-        if use_cache and os.path.isfile(cache_path):
-            try:
-                with open(cache_path) as f:
-                    c = json.load(f)
-                if c.get("version") == CACHE_VERSION:
-                    entries = c["entries"]
-            except (OSError, ValueError, KeyError):
-                entries = {}
-        stats = [_stat(p) for p in files]
-        todo = []
-        for i, (p, (size, mtime)) in enumerate(zip(files, stats)):
-            e = entries.get(p)
-            fresh = e is not None and e[0] == size and e[1] == mtime and size >= 0
-            if fresh and e[2] == "too_large" and e[3] * e[4] <= max_pixels:
-                fresh = False  # the limit was raised: decode it now
-            if fresh and e[2] == "ok" and e[3] * e[4] > max_pixels:
-                e = [*e[:2], "too_large", *e[3:6], f"{e[3]}x{e[4]} pixels > max_pixels {max_pixels}"]
-                entries[p] = e
-            if not fresh:
-                todo.append(i)
-        results = _run_checks([files[i] for i in todo], max_pixels, workers)
-        for i, r in zip(todo, results):
-            entries[files[i]] = [stats[i][0], stats[i][1], *r]
-        good, info, bad = [], [], []
-        for p in files:
-            e = entries[p]
-            if e[2] == "ok":
-                good.append(p)
-                info.append((int(e[4]), int(e[3]), e[5]))
-            else:
-                bad.append((p, e[2], e[6]))
-        if use_cache and todo:
-            keep = {p: entries[p] for p in files}  # forget files no longer listed
-            _atomic_write(cache_path, json.dumps({"version": CACHE_VERSION, "root": os.path.abspath(root),
-                                                  "entries": keep}, separators=(",", ":")))
+    # reading needs no lock (the cache is replaced atomically); checking does: the first
+    # process (rank) checks and writes, the others wait and then find the cache fresh
+    entries = _load_cache(cache_path) if use_cache else {}
+    stats, todo = _plan(files, entries, max_pixels)
+    if todo:
+        with (_locked(cache_path + ".lock") if use_cache else _nothing()):
+            if use_cache:
+                entries = _load_cache(cache_path)
+                stats, todo = _plan(files, entries, max_pixels)
+            results = _run_checks([files[i] for i in todo], max_pixels, workers)
+            for i, r in zip(todo, results):
+                entries[files[i]] = [stats[i][0], stats[i][1], *r]
+            if use_cache and todo:
+                keep = {p: entries[p] for p in files}  # forget files no longer listed
+                _atomic_write(cache_path, json.dumps({"version": CACHE_VERSION, "root": os.path.abspath(root),
+                                                      "entries": keep}, separators=(",", ":")))
+    good, info, bad = [], [], []
+    for p in files:
+        e = entries[p]
+        if e[2] == "ok":
+            good.append(p)
+            info.append((int(e[4]), int(e[3]), e[5]))
+        else:
+            bad.append((p, e[2], e[6]))
     counts = Counter(s for _, s, _ in bad)
     summary = {
         "root": os.path.abspath(root), "total": len(files), "ok": len(good), "bad": len(bad),
@@ -207,6 +194,37 @@ def validate(root: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Optiona
     _atomic_write(out, "".join(f"{p}\t{w}\t{h}\t{fmt}\n" for p, (h, w, fmt) in zip(good, info)))
     _atomic_write(os.path.splitext(out)[0] + ".summary.json", json.dumps(summary, indent=1) + "\n")
     return Validation(good, info, summary, os.path.abspath(out), bad)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _load_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        return c["entries"] if c.get("version") == CACHE_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _plan(files: list, entries: dict, max_pixels: int) -> tuple[list, list]:
+    """(size, mtime) of every file, and the indices of the files to check."""
+    stats = [_stat(p) for p in files]
+    todo = []
+    for i, (p, (size, mtime)) in enumerate(zip(files, stats)):
+        e = entries.get(p)
+        fresh = e is not None and e[0] == size and e[1] == mtime and size >= 0
+        if fresh and e[2] == "too_large" and e[3] * e[4] <= max_pixels:
+            fresh = False  # the limit was raised: decode it now
+        if fresh and e[2] == "ok" and e[3] * e[4] > max_pixels:
+            msg = f"{e[3]}x{e[4]} = {e[3] * e[4]} pixels > max_pixels {max_pixels}"
+            entries[p] = [*e[:2], "too_large", *e[3:6], msg]
+        if not fresh:
+            todo.append(i)
+    return stats, todo
 
 
 def _run_checks(paths: list, max_pixels: int, workers: Optional[int]) -> list:

@@ -19,8 +19,8 @@ import logging  # noqa: E402
 import pytest  # noqa: E402
 
 from cimfast.kernels import dispatch  # noqa: E402
-from cimfast.kernels.sampling import (row_keys, sample_ce, sample_ce_reference, sample_ce_triton,  # noqa: E402
-                                      sample_replace, sample_replace_reference)
+from cimfast.kernels.sampling import (row_keys, row_keys_at, sample_ce, sample_ce_reference,  # noqa: E402
+                                      sample_ce_triton, sample_replace, sample_replace_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(
@@ -146,6 +146,23 @@ def test_draws_depend_on_the_sample_not_the_batch():
 
 
 @needs_kernels
+def test_static_positions_give_the_same_result():
+    # cim.py gathers masked rows with torch.nonzero_static (fixed count per image): passing
+    # those positions must change nothing but the absence of a host sync.
+    logits, ids, mask, keys = _batch(M=12, V=37, B=3, N=8, scale=0.5)
+    pos = torch.nonzero_static(mask.flatten(), size=12).squeeze(1)
+    assert torch.equal(row_keys_at(keys, pos, mask.shape[1]), row_keys(keys, mask))
+    with torch.no_grad():
+        a = sample_ce_triton(logits, ids, mask, keys, positions=pos)
+        b = sample_ce_triton(logits, ids, mask, keys)
+        r = sample_ce_reference(logits, ids, mask, keys, positions=pos)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(a.loss_rows, r.loss_rows, **LOSS_TOL)
+    assert torch.equal(a.corrupted, r.corrupted) and torch.equal(a.correct, r.correct)
+
+
+@needs_kernels
 def test_no_masked_positions_and_errors():
     _, ids, _, keys = _batch(M=4, V=37)
     mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -158,6 +175,8 @@ def test_no_masked_positions_and_errors():
         sample_ce_triton(logits, ids, mask, keys, temperature=0)
     with pytest.raises(ValueError, match="power of two"):
         sample_ce_triton(logits, ids, mask, keys, block_v=100)
+    with pytest.raises(ValueError, match="logit rows"):
+        sample_ce_triton(logits, ids, mask, keys, positions=mask.flatten().nonzero().squeeze(1)[:3])
 
 
 @needs_kernels
@@ -205,22 +224,25 @@ def test_compiles_fullgraph(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     logits, ids, mask, keys = _batch(M=5, V=37)
 
-    def step(logits, ids, mask, keys):
-        out = sample_ce(logits, ids, mask, keys)
+    def step(logits, ids, mask, keys, static):
+        pos = torch.nonzero_static(mask.flatten(), size=logits.shape[0]).squeeze(1) if static else None
+        out = sample_ce(logits, ids, mask, keys, positions=pos)
         return out.loss_rows.mean(), out.corrupted
 
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-        x = logits.clone().requires_grad_()
-        loss, corrupted = compiled(x, ids, mask, keys)
-        loss.backward()
     y = logits.clone().requires_grad_()
     ref = sample_ce_reference(y, ids, mask, keys)
     ref.loss_rows.mean().backward()
-    torch.testing.assert_close(loss, ref.loss_rows.mean(), **LOSS_TOL)
-    assert torch.equal(corrupted, ref.corrupted)
-    torch.testing.assert_close(x.grad, y.grad, **GRAD_TOL[torch.float32])
+    # static positions compile as they are; mask.nonzero() needs dynamic output shapes
+    for static in (True, False):
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=not static):
+            compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+            x = logits.clone().requires_grad_()
+            loss, corrupted = compiled(x, ids, mask, keys, static)
+            loss.backward()
+        torch.testing.assert_close(loss, ref.loss_rows.mean(), **LOSS_TOL)
+        assert torch.equal(corrupted, ref.corrupted)
+        torch.testing.assert_close(x.grad, y.grad, **GRAD_TOL[torch.float32])
 
 
 @pytest.mark.gpu

@@ -67,6 +67,39 @@ def test_one_and_two_ranks_agree_zero2(runs):
         assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
 
 
+def test_gradient_accumulation_matches(runs, tmp_path):
+    """1 rank, micro-batch 4 x 2 accumulation = the same global batch of 8."""
+    cfg_path = ds_config(str(tmp_path), "gas", steps=3)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    del cfg["gradient_accumulation_steps"]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    out = str(tmp_path / "gas")
+    r = run_train(["--ds_config", cfg_path, "--output_dir", out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(runs["one"]), losses(out)
+    for s in b:
+        assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
+
+
+def test_bf16_under_torchrun(tmp_path):
+    cfg_path = ds_config(str(tmp_path), "bf16", steps=3)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["bf16"] = {"enabled": True}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    out = str(tmp_path / "bf16")
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "1", "--master_port", str(30500 + os.getpid() % 1000),
+           os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", cfg_path, "--output_dir", out]
+    r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_metrics(out)
+    assert len(recs) == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in recs)
+
+
 def test_outputs_of_a_run(runs):
     out = runs["one"]
     for name in ("config.json", "metrics.jsonl", "loss.png", "picture_step00000003.png", "picture_final.png"):
