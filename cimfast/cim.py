@@ -6,6 +6,8 @@ ZeRO-3 in particular) must neither partition nor optimize it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -156,16 +158,17 @@ class CIMModel(nn.Module):
         return vis
 
 
+TINY_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_tokenizer.safetensors")
+
+
 def build_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer the config names: a file/folder, or (tiny only) a built-in one."""
-    from cimfast.tokenizer import OFFICIAL_HINT, TINY_SPEC, load_tokenizer
+    """The tokenizer the config names: a file or folder, or for the ``tiny``
+    architecture the small tokenizer that ships with cimfast (trained on the
+    demo photographs by ``cimfast.tokenizer_train``; see the README)."""
+    from cimfast.tokenizer_files import OFFICIAL_HINT, load_tokenizer
 
     if cfg.tokenizer_path:
         return load_tokenizer(cfg.tokenizer_path, cfg.encoder_sha256, cfg.decoder_sha256)
     if cfg.tokenizer == "tiny":
-        # No trained tiny tokenizer ships yet: a fixed-seed random one keeps the
-        # demo deterministic. Its corrupted images are not photographs.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
-            return Tokenizer(TINY_SPEC)
+        return load_tokenizer(TINY_TOKENIZER)
     raise FileNotFoundError(f"preset {cfg.preset!r} needs the DALL-E tokenizer: --tokenizer_path is not set. {OFFICIAL_HINT}")

@@ -2,20 +2,13 @@
 
 Module and parameter names follow the official ``dall_e`` package exactly
 (``blocks.group_1.block_1.res_path.conv_1.w`` ...), so the official
-``encoder.pkl`` / ``decoder.pkl`` load unchanged. Those files are pickles of
-whole Python modules; ``load_official_pickle`` reads them with a restricted
-unpickler that rebuilds tensors and the known classes only, and the weights
-are then copied into freshly built modules of this file and cached as
-safetensors.
+``encoder.pkl`` / ``decoder.pkl`` load unchanged (``cimfast.tokenizer_files``).
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import pickle
 from collections import OrderedDict
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,12 +17,6 @@ import torch.nn.functional as F
 LOGIT_LAPLACE_EPS = 0.1
 DOWNSAMPLE = 8  # three 2x poolings: a 112 px view gives a 14 x 14 token grid
 
-OFFICIAL_HINT = (
-    "Download the official DALL-E tokenizer files encoder.pkl and decoder.pkl "
-    "(the links are in the README of the openai/DALL-E repository) and pass the "
-    "folder that holds them with --tokenizer_path, or train your own with "
-    "`python -m cimfast.tokenizer_train`."
-)
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -58,38 +45,32 @@ class Conv2d(nn.Module):
         return F.conv2d(x, self.w.to(x.dtype), self.b.to(x.dtype), padding=(self.kw - 1) // 2)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, n_layers: int):
+class _ResBlock(nn.Module):
+    """id_path + post_gain * res_path, the residual branch at width n_out / 4."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1 / n_layers**2
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, n_hid, 3)),
-            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(n_hid, n_hid, 3)),
-            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(n_hid, n_hid, 3)),
-            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(n_hid, n_out, 1)),
-        ]))
+        widths = (n_in, n_hid, n_hid, n_hid, n_out)
+        layers = []
+        for i, kw in enumerate(kernels):
+            layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kw))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-class DecoderBlock(nn.Module):
+class EncoderBlock(_ResBlock):
     def __init__(self, n_in: int, n_out: int, n_layers: int):
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2
-        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, n_hid, 1)),
-            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(n_hid, n_hid, 3)),
-            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(n_hid, n_hid, 3)),
-            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(n_hid, n_out, 3)),
-        ]))
+        super().__init__(n_in, n_out, n_layers, (3, 3, 3, 1))
 
-    def forward(self, x):
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+class DecoderBlock(_ResBlock):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__(n_in, n_out, n_layers, (1, 3, 3, 3))
 
 
 @dataclass(frozen=True)
@@ -265,148 +246,3 @@ class Tokenizer(nn.Module):
         onehot = F.one_hot(ids, self.vocab_size).permute(0, 3, 1, 2).float()
         onehot = onehot.to(self.decoder.blocks.input.w.dtype)
         return unmap_pixels(torch.sigmoid(self.decoder.forward_onehot(onehot)[:, :3].float()))
-
-
-# --------------------------------------------------------------------------
-# Loading: official pickles (restricted), safetensors (ours)
-# --------------------------------------------------------------------------
-class NotATokenizerError(RuntimeError):
-    pass
-
-
-# Classes a DALL-E pickle may name, mapped to what rebuilds them here. The
-# stand-ins for dall_e.* only receive the pickled attribute dicts; weights are
-# read from them with state_dict() and nothing of theirs is ever called.
-class _Stub(nn.Module):
-    pass
-
-
-_ALLOWED = {
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("__builtin__", "set"): set,  # protocol 2 writes Python 2 names
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("torch", "device"): torch.device,
-    ("torch.nn.modules.container", "Sequential"): nn.Sequential,
-    ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
-    ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
-    ("torch.nn.modules.upsampling", "Upsample"): nn.Upsample,
-    ("torch.nn.modules.linear", "Identity"): nn.Identity,
-}
-for _mod, _names in {"dall_e.encoder": ("Encoder", "EncoderBlock"),
-                     "dall_e.decoder": ("Decoder", "DecoderBlock"),
-                     "dall_e.utils": ("Conv2d",)}.items():
-    for _n in _names:
-        _ALLOWED[(_mod, _n)] = type(_n, (_Stub,), {"__module__": "cimfast.tokenizer._stubs"})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise NotATokenizerError(
-                f"refused to load {module}.{name}: the file is not a DALL-E tokenizer "
-                "(it names a class or function a tokenizer file never holds)") from None
-
-
-class _RestrictedPickleModule:
-    """What ``torch.load(pickle_module=...)`` needs: a restricted Unpickler."""
-
-    Unpickler = _RestrictedUnpickler
-    load = staticmethod(lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
-    __name__ = "cimfast_restricted_pickle"
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_official_pickle(path: str, expected_sha256: str | None = None) -> dict:
-    """State dict of an official-format ``encoder.pkl``/``decoder.pkl``, loaded safely."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path} does not exist. {OFFICIAL_HINT}")
-    digest = sha256_of(path)
-    if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise NotATokenizerError(
-            f"SHA-256 of {path} is {digest}, expected {expected_sha256}: the file is "
-            f"damaged or not the one pinned. {OFFICIAL_HINT}")
-    try:
-        obj = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule,
-                         weights_only=False)
-    except NotATokenizerError as e:
-        raise NotATokenizerError(f"{path}: {e}") from None
-    except Exception as e:  # truncated, not a torch file, ...
-        raise NotATokenizerError(
-            f"{path} could not be read as a DALL-E tokenizer ({type(e).__name__}: {e}). "
-            f"{OFFICIAL_HINT}") from None
-    if not isinstance(obj, nn.Module):
-        raise NotATokenizerError(f"{path} holds a {type(obj).__name__}, not a tokenizer module. {OFFICIAL_HINT}")
-    return {k: v.detach().float().contiguous() for k, v in obj.state_dict().items()}
-
-
-def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"encoder.{k}": v.contiguous() for k, v in tok.encoder.state_dict().items()}
-    tensors.update({f"decoder.{k}": v.contiguous() for k, v in tok.decoder.state_dict().items()})
-    meta = {k: str(v) for k, v in asdict(tok.spec).items()}
-    meta.update(metadata or {})
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_safetensors(path: str) -> Tokenizer:
-    from safetensors.torch import load_file
-
-    sd = load_file(path)
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
-    return _build(enc, dec)
-
-
-def _build(enc: dict, dec: dict) -> Tokenizer:
-    tok = Tokenizer(spec_from_state_dicts(enc, dec))
-    tok.encoder.load_state_dict(enc, strict=True)
-    tok.decoder.load_state_dict(dec, strict=True)
-    return tok
-
-
-def load_tokenizer(path: str, encoder_sha256: str | None = None,
-                   decoder_sha256: str | None = None) -> Tokenizer:
-    """Load a tokenizer from a ``.safetensors`` file or a folder.
-
-    A folder holds either ``tokenizer.safetensors`` or the official
-    ``encoder.pkl`` + ``decoder.pkl``; the pickles are read once with the
-    restricted unpickler and converted to ``tokenizer.safetensors`` beside them
-    (or, if the folder is read-only, nowhere: they are then read every time).
-    """
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file {path} does not exist. {OFFICIAL_HINT}")
-        return load_safetensors(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer path {path} is neither a folder nor a .safetensors file. {OFFICIAL_HINT}")
-    cached = os.path.join(path, "tokenizer.safetensors")
-    enc_p, dec_p = os.path.join(path, "encoder.pkl"), os.path.join(path, "decoder.pkl")
-    have_pkl = os.path.isfile(enc_p) and os.path.isfile(dec_p)
-    if os.path.isfile(cached) and not (have_pkl and (encoder_sha256 or decoder_sha256)):
-        return load_safetensors(cached)
-    if not have_pkl:
-        missing = [p for p in (enc_p, dec_p) if not os.path.isfile(p)]
-        raise FileNotFoundError(f"tokenizer files missing: {', '.join(missing)}. {OFFICIAL_HINT}")
-    enc = load_official_pickle(enc_p, encoder_sha256)
-    dec = load_official_pickle(dec_p, decoder_sha256)
-    tok = _build(enc, dec)
-    try:
-        save_safetensors(tok, cached, {"encoder_sha256": sha256_of(enc_p), "decoder_sha256": sha256_of(dec_p)})
-    except OSError:
-        pass
-    return tok

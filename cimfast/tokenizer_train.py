@@ -34,7 +34,8 @@ from cimfast.cli import parse
 from cimfast.config import ConfigError, RunConfig
 from cimfast.dvae import beta_at, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.runtime import Job, fill_auto, finish, init_distributed, run_job, setup_logging
-from cimfast.tokenizer import DALLE_SPEC, TINY_SPEC, Decoder, Encoder, Tokenizer, TokenizerSpec, save_safetensors
+from cimfast.tokenizer import DALLE_SPEC, TINY_SPEC, Decoder, Encoder, Tokenizer, TokenizerSpec
+from cimfast.tokenizer_files import save_safetensors
 
 log = logging.getLogger("cimfast")
 SPECS = {"tiny": TINY_SPEC, "dalle": DALLE_SPEC}

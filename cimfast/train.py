@@ -66,6 +66,10 @@ def train(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str) -> int:
     shown = fixed_batch(dataset, 8)
     flops = count_step_flops(model, shown)
     model.to(device)
+    from cimfast.models.attention import probe
+
+    probe(device, torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else
+          torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32)
 
     def forward(engine, batch, step):
         return engine(batch["images"], batch["images_tok"], batch["mask"], batch["sample_key"])

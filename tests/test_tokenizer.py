@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cimfast import tokenizer as T
+from cimfast import tokenizer_files as TF
 from tests.dalle_format import write_official
 
 SPEC = T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=1, vocab_size=64)
@@ -34,7 +35,7 @@ def test_map_unmap_roundtrip():
 
 def test_official_pickle_loads_and_matches(tmp_path):
     src = write_official(SPEC, tmp_path)
-    tok = T.load_tokenizer(str(tmp_path))
+    tok = TF.load_tokenizer(str(tmp_path))
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(tok.tokenize(x), src.tokenize(x))
     ids = src.tokenize(x)
@@ -42,7 +43,7 @@ def test_official_pickle_loads_and_matches(tmp_path):
     assert os.path.isfile(tmp_path / "tokenizer.safetensors")  # converted once
     os.remove(tmp_path / "encoder.pkl")
     os.remove(tmp_path / "decoder.pkl")
-    again = T.load_tokenizer(str(tmp_path))  # the cache alone is enough now
+    again = TF.load_tokenizer(str(tmp_path))  # the cache alone is enough now
     assert torch.equal(again.tokenize(x), ids)
 
 
@@ -83,30 +84,30 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, fmt):
     else:
         with open(path, "wb") as f:
             pickle.dump(_Evil(marker), f)
-    with pytest.raises(T.NotATokenizerError, match="not a DALL-E tokenizer"):
-        T.load_official_pickle(str(path))
+    with pytest.raises(TF.NotATokenizerError, match="not a DALL-E tokenizer"):
+        TF.load_official_pickle(str(path))
     assert not marker.exists()
 
 
 def test_unknown_class_is_refused(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "encoder.pkl")
-    with pytest.raises(T.NotATokenizerError, match="torch.nn.modules.linear.Linear"):
-        T.load_official_pickle(str(tmp_path / "encoder.pkl"))
+    with pytest.raises(TF.NotATokenizerError, match="torch.nn.modules.linear.Linear"):
+        TF.load_official_pickle(str(tmp_path / "encoder.pkl"))
 
 
 def test_checksum_pinning(tmp_path):
     write_official(SPEC, tmp_path)
-    good = T.sha256_of(str(tmp_path / "encoder.pkl"))
-    T.load_official_pickle(str(tmp_path / "encoder.pkl"), expected_sha256=good)
-    with pytest.raises(T.NotATokenizerError, match="SHA-256"):
-        T.load_tokenizer(str(tmp_path), encoder_sha256="0" * 64)
+    good = TF.sha256_of(str(tmp_path / "encoder.pkl"))
+    TF.load_official_pickle(str(tmp_path / "encoder.pkl"), expected_sha256=good)
+    with pytest.raises(TF.NotATokenizerError, match="SHA-256"):
+        TF.load_tokenizer(str(tmp_path), encoder_sha256="0" * 64)
 
 
 def test_safetensors_roundtrip(tmp_path):
     tok = T.Tokenizer(SPEC)
     path = str(tmp_path / "tok.safetensors")
-    T.save_safetensors(tok, path)
-    back = T.load_tokenizer(path)
+    TF.save_safetensors(tok, path)
+    back = TF.load_tokenizer(path)
     assert back.spec == SPEC
     for (k, v), (k2, v2) in zip(tok.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
@@ -114,13 +115,13 @@ def test_safetensors_roundtrip(tmp_path):
 
 def test_missing_files_say_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.pkl and decoder.pkl"):
-        T.load_tokenizer(str(tmp_path))
+        TF.load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        T.load_tokenizer(str(tmp_path / "nope.safetensors"))
+        TF.load_tokenizer(str(tmp_path / "nope.safetensors"))
     (tmp_path / "encoder.pkl").write_bytes(b"not a pickle at all")
     (tmp_path / "decoder.pkl").write_bytes(b"")
-    with pytest.raises(T.NotATokenizerError, match="could not be read"):
-        T.load_tokenizer(str(tmp_path))
+    with pytest.raises(TF.NotATokenizerError, match="could not be read"):
+        TF.load_tokenizer(str(tmp_path))
 
 
 def test_fast_path_matches_fp32():

@@ -10,7 +10,8 @@ import torch
 from cimfast import checkpoint
 from cimfast.dvae import codebook_stats, dvae_loss, kl_to_uniform, logit_laplace_nll
 from cimfast.metrics import read_metrics
-from cimfast.tokenizer import TokenizerSpec, load_tokenizer, map_pixels
+from cimfast.tokenizer import TokenizerSpec
+from cimfast.tokenizer_files import load_tokenizer
 from cimfast.tokenizer_train import DVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -56,6 +56,8 @@ def backend(device: torch.device | None = None, dtype: torch.dtype = torch.float
     if want is not None and want not in BACKENDS:
         raise ValueError(f"CIMFAST_ATTENTION={want!r}: choose one of {', '.join(BACKENDS)}")
     key = (want, str(device), dtype)
+    if key not in _probed and torch.compiler.is_compiling():
+        return want or "sdpa"  # no probing or logging inside a graph: call probe() eagerly first
     if key not in _probed:
         if want is None:
             choice = "xformers" if device is not None and _xformers_works(device, dtype) else "sdpa"
@@ -65,6 +67,11 @@ def backend(device: torch.device | None = None, dtype: torch.dtype = torch.float
         log.info("attention backend on %s/%s: %s%s", device, str(dtype).replace("torch.", ""), choice,
                  " (forced)" if want else "")
     return _probed[key]
+
+
+def probe(device: torch.device, dtype: torch.dtype) -> str:
+    """Choose (and log) the backend for ``device``/``dtype`` eagerly, before anything is compiled."""
+    return backend(device, dtype)
 
 
 def set_backend(name: str | None) -> None:
