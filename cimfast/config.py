@@ -146,7 +146,19 @@ class RunConfig:
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept (older ones are deleted)"})
     image_interval: int = field(default=100, metadata={"help": "steps between PNG pictures (0: only at the end)"})
     max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
-    num_workers: int = field(default=2, metadata={"help": "data loader worker processes"})
+    num_workers: int = field(default=2, metadata={
+        "help": "DataLoader workers (torch pipeline) or Python source worker processes (DALI pipeline)"})
+    pipeline: str = field(default="auto", metadata={
+        "help": "input pipeline: auto (DALI on the GPU, else DALI on the CPU, else torch), dali-gpu, dali-cpu, "
+                "torch, synthetic (batches made on the device, for compute-only benchmarks)"})
+    dali_threads: int = field(default=0, metadata={
+        "help": "DALI CPU threads per rank; 0: this rank's share of the cores"})
+    validate_data: bool = field(default=True, metadata={
+        "help": "check data_path once (cached by path, size and mtime) and train on the files that decode"})
+    max_image_pixels: int = field(default=100_000_000, metadata={
+        "help": "validation leaves out images with more pixels than this"})
+    cache_dir: typing.Optional[str] = field(default=None, metadata={
+        "help": "validation cache, clean file lists and the demo JPEGs (default: $CIMFAST_CACHE or ~/.cache/cimfast)"})
     demo_samples: int = field(default=4096, metadata={"help": "demo crops per epoch"})
     peak_tflops: typing.Optional[float] = field(default=None, metadata={
         "help": "dense bf16 peak TFLOP/s per device for MFU (default: looked up by GPU name)"})
@@ -170,3 +182,6 @@ class RunConfig:
         need(self.demo_samples > 0, "demo_samples", "must be positive")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         need(self.data_path is None or bool(self.data_path), "data_path", "must not be empty")
+        need(self.pipeline in PIPELINES, "pipeline", f"must be one of {', '.join(PIPELINES)}")
+        need(self.dali_threads >= 0, "dali_threads", "must not be negative")
+        need(self.max_image_pixels > 0, "max_image_pixels", "must be positive")

@@ -23,14 +23,14 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from cimfast.config import Config, RunConfig
+from cimfast.config import PIPELINES, Config, RunConfig
 from cimfast.masking import BlockMaskGenerator
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, TwoViewDataset
 from cimfast.pipelines.sampler import EpochSampler
 
 log = logging.getLogger("cimfast")
 
-PIPELINE_CHOICES = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
+PIPELINE_CHOICES = PIPELINES
 
 
 def build_dataset(cfg: Config, run: RunConfig):

@@ -130,7 +130,7 @@ class Job:
 def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
     import deepspeed
 
-    from cimfast.dataloading import build_loader, to_device
+    from cimfast.dataloading import build_batches, to_device
     from cimfast.metrics import MetricsWriter, peak_flops, read_metrics
     from cimfast.pictures import save_loss_plot
 
@@ -150,9 +150,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
     if step >= run.max_steps:
         log.info("the checkpoint is at step %d >= --max_steps %d: nothing to do", step, run.max_steps)
 
-    loader = build_loader(job.dataset, micro, rank, world, run.seed, state["micro_steps_consumed"],
-                          run.num_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = build_batches(None, run, rank, world, micro, state["micro_steps_consumed"], device, dataset=job.dataset)
     peak = peak_flops(device, run.peak_tflops)
     writer = MetricsWriter(run.output_dir, step) if rank == 0 else None
     stopper = StopRequest()

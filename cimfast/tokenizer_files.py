@@ -120,6 +120,9 @@ def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) ->
     meta.update(metadata or {})
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a tokenizer is meant to be shared
     os.replace(tmp, path)
 
 

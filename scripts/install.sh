@@ -17,4 +17,5 @@ fi
 if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed>=0.16"
 fi
-$PIP install -q --no-build-isolation -e ".[dev]"
+# DALI: the build for CUDA 13 (torch 2.14 here); it also runs CPU-only.
+$PIP install -q --no-build-isolation -e ".[dev,dali-cuda13]"

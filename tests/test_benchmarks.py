@@ -1,0 +1,25 @@
+"""The benchmark scripts run (tiny shapes): they must not rot between GPU sessions."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_e2e_benchmark_runs_both_paths(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_e2e.py"), "--preset", "tiny",
+                        "--batch", "2", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fast / plain" in r.stdout
+    res = json.load(open(tmp_path / "e2e_tiny.json"))
+    assert [x["path"] for x in res["results"]] == ["plain", "fast"]
+    assert all(x["img_per_s"] > 0 and set(x["split_s"]) == {"tokenizer", "generator", "enhancer"}
+               for x in res["results"])
+    assert res["flops"]["total"] > res["flops"]["tokenizer"] > 0
+
+
+def test_gpu_check_script_is_valid_bash():
+    r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
