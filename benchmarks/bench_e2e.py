@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from cimfast.cim import CIMModel, build_tokenizer

@@ -91,7 +91,6 @@ PIPELINES = {
 
 
 def _iterator(name, files, batch, threads, size, tok_size, mask_fn):
-    import torch
     from torch.utils.data import DataLoader
 
     from cimfast.pipelines.datasets import FileListDataset

@@ -27,7 +27,6 @@ is its plain PyTorch twin; ``sample_ce`` dispatches (``cimfast.kernels.dispatch`
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
