@@ -149,7 +149,7 @@ class RunConfig:
     num_workers: int = field(default=2, metadata={
         "help": "DataLoader workers (torch pipeline) or Python source worker processes (DALI pipeline)"})
     pipeline: str = field(default="auto", metadata={
-        "help": "input pipeline: auto (DALI on the GPU, else DALI on the CPU, else torch), dali-gpu, dali-cpu, "
+        "help": "input pipeline: auto (DALI on the GPU, else torch), dali-gpu, dali-cpu, "
                 "torch, synthetic (batches made on the device, for compute-only benchmarks)"})
     dali_threads: int = field(default=0, metadata={
         "help": "DALI CPU threads per rank; 0: this rank's share of the cores"})

@@ -23,3 +23,10 @@ def test_e2e_benchmark_runs_both_paths(tmp_path):
 def test_gpu_check_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_memory_benchmark_runs():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpointing" in r.stdout

@@ -228,3 +228,15 @@ def test_nonfinite_losses_stop_with_checkpoint(tmp_path):
     assert "non-finite losses in a row" in r.stderr
     state = checkpoint.read_state(checkpoint.latest_checkpoint(out))
     assert state["reason"] == "non-finite losses" and state["nonfinite_total"] >= 2
+
+
+def test_training_on_the_dali_cpu_pipeline(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    cfg_path = ds_config(str(tmp_path), "dali", steps=3)
+    out = str(tmp_path / "dali")
+    r = run_train(["--ds_config", cfg_path, "--output_dir", out, "--pipeline", "dali-cpu",
+                   "--cache_dir", str(tmp_path / "cache")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data pipeline: dali-cpu" in r.stderr
+    recs = read_metrics(out)
+    assert [x["step"] for x in recs] == [1, 2, 3] and all(x["loss"] == x["loss"] for x in recs)
