@@ -15,12 +15,7 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    try:
-        import cimfast  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(_here))
+    import _script_path  # noqa: F401  (sys.path set-up for running as a script)
 
 import json
 import logging

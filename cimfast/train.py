@@ -11,15 +11,7 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script, Python puts cimfast/ first on sys.path, where module
-    # names like config or metrics could shadow other packages: use the
-    # installed package (or this checkout) instead.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    try:
-        import cimfast  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(_here))
+    import _script_path  # noqa: F401  (sys.path set-up for running as a script)
 
 import json
 from dataclasses import asdict
