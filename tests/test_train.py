@@ -230,13 +230,19 @@ def test_nonfinite_losses_stop_with_checkpoint(tmp_path):
     assert state["reason"] == "non-finite losses" and state["nonfinite_total"] >= 2
 
 
-def test_training_on_the_dali_cpu_pipeline(tmp_path):
+def test_dali_cpu_pipeline_trains_and_resumes_exactly(tmp_path):
     pytest.importorskip("nvidia.dali")
-    cfg_path = ds_config(str(tmp_path), "dali", steps=3)
-    out = str(tmp_path / "dali")
-    r = run_train(["--ds_config", cfg_path, "--output_dir", out, "--pipeline", "dali-cpu",
-                   "--cache_dir", str(tmp_path / "cache")])
+    cfg_path = ds_config(str(tmp_path), "dali", steps=4)
+    common = ["--ds_config", cfg_path, "--pipeline", "dali-cpu", "--cache_dir", str(tmp_path / "cache")]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    r = run_train(common + ["--output_dir", full])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data pipeline: dali-cpu" in r.stderr
-    recs = read_metrics(out)
-    assert [x["step"] for x in recs] == [1, 2, 3] and all(x["loss"] == x["loss"] for x in recs)
+    r = run_train(common + ["--output_dir", part, "--max_steps", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(common + ["--output_dir", part, "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
