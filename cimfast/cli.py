@@ -14,7 +14,7 @@ import os
 import typing
 from dataclasses import fields
 
-from cimfast.config import Config, ConfigError, RunConfig, coerce
+from cimfast.config import Config, ConfigError, RunConfig, from_dict
 
 SECTION = "cimfast"
 log = logging.getLogger("cimfast")
@@ -95,13 +95,12 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
         raise ConfigError(f"{SECTION}.{unknown[0]}: unknown key in {ds_path}; known keys: {', '.join(sorted(known))}")
     out = []
     for c in classes:
-        hints = typing.get_type_hints(c)
-        values = {k: coerce(k, v, hints) for k, v in section.items() if k in names[c]}
+        values = {k: v for k, v in section.items() if k in names[c]}
         for k in names[c]:
             v = getattr(args, k)
             if v is not None:
-                values[k] = coerce(k, tuple(v) if isinstance(v, list) else v, hints)
-        obj = c(**values)
+                values[k] = tuple(v) if isinstance(v, list) else v
+        obj = from_dict(c, values)
         obj.resolve() if hasattr(obj, "resolve") else obj.validate()
         out.append(obj)
     validate_ds_config(ds)

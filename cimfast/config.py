@@ -5,6 +5,7 @@ that name the key."""
 from __future__ import annotations
 
 
+import functools
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -16,6 +17,12 @@ PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
 
 class ConfigError(ValueError):
     pass
+
+
+def require(obj, ok: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming ``key`` and its value unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {msg} (got {getattr(obj, key)!r})")
 
 
 @dataclass
@@ -59,10 +66,7 @@ class Config:
         return self
 
     def validate(self) -> None:
-        def need(ok, key, msg):
-            if not ok:
-                raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
-
+        need = functools.partial(require, self)
         need(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
         need(self.enhancer in ("vit", "resnet"), "enhancer", "must be vit or resnet")
         need(self.tokenizer in ("dalle", "tiny"), "tokenizer", "must be dalle or tiny")
@@ -120,13 +124,13 @@ def coerce(key: str, value, type_hints: dict):
     return value
 
 
-def from_dict(cls, d: dict, where: str = ""):
+def from_dict(cls, d: dict):
     """Build a dataclass from a dict; unknown keys and wrong types name the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
     return cls(**{k: coerce(k, v, hints) for k, v in d.items()})
 
 
@@ -169,10 +173,7 @@ class RunConfig:
     progress: bool = field(default=True, metadata={"help": "show the progress bar on rank 0"})
 
     def validate(self) -> None:
-        def need(ok, key, msg):
-            if not ok:
-                raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
-
+        need = functools.partial(require, self)
         need(self.max_steps > 0, "max_steps", "must be positive")
         need(self.log_interval > 0, "log_interval", "must be positive")
         for k in ("checkpoint_interval", "image_interval", "num_workers"):

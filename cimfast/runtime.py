@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -124,7 +124,6 @@ class Job:
     flops_per_image: float = 0.0  # for MFU; 0: not reported
     picture: Optional[Callable] = None  # (module, path) -> None, called on all ranks
     summary: str = ""
-    groups: list = field(default_factory=list)
 
 
 def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
@@ -135,7 +134,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
     from cimfast.pictures import save_loss_plot
 
     resume_path = resolve_resume(run)
-    engine, _, _, _ = deepspeed.initialize(model=job.model, model_parameters=job.groups or param_groups(job.model),
+    engine, _, _, _ = deepspeed.initialize(model=job.model, model_parameters=param_groups(job.model),
                                            config=ds_cfg)
     if compile_enabled(run, device):
         engine.compile()

@@ -129,7 +129,11 @@ def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) ->
 def load_safetensors(path: str) -> Tokenizer:
     from safetensors.torch import load_file
 
-    sd = load_file(path)
+    return tokenizer_from_state_dict(load_file(path))
+
+
+def tokenizer_from_state_dict(sd: dict) -> Tokenizer:
+    """A Tokenizer from ``encoder.*``/``decoder.*`` weights (its sizes read from their shapes)."""
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
     return _build(enc, dec)

@@ -17,6 +17,7 @@ import sys
 if __name__ == "__main__" and not __package__:
     import _script_path  # noqa: F401  (sys.path set-up for running as a script)
 
+import functools
 import json
 import logging
 import typing
@@ -26,11 +27,11 @@ import torch
 import torch.nn as nn
 
 from cimfast.cli import parse
-from cimfast.config import ConfigError, RunConfig
+from cimfast.config import ConfigError, RunConfig, require
 from cimfast.dvae import beta_at, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.runtime import Job, fill_auto, finish, init_distributed, run_job, setup_logging
 from cimfast.tokenizer import DALLE_SPEC, TINY_SPEC, Decoder, Encoder, Tokenizer, TokenizerSpec
-from cimfast.tokenizer_files import save_safetensors
+from cimfast.tokenizer_files import save_safetensors, tokenizer_from_state_dict
 
 log = logging.getLogger("cimfast")
 SPECS = {"tiny": TINY_SPEC, "dalle": DALLE_SPEC}
@@ -56,18 +57,13 @@ class TokenizerConfig:
     heldout_samples: int = field(default=64, metadata={"help": "held-out crops in the report"})
 
     def validate(self) -> None:
-        if self.architecture not in SPECS:
-            raise ConfigError(f"architecture: must be one of {', '.join(SPECS)} (got {self.architecture!r})")
-        if self.image_size <= 0 or self.image_size % 8:
-            raise ConfigError(f"image_size: must be a positive multiple of 8 (got {self.image_size})")
-        if not 0 < self.tau_end <= self.tau_start:
-            raise ConfigError(f"tau_end: must be in (0, tau_start] (got {self.tau_end})")
+        need = functools.partial(require, self)
+        need(self.architecture in SPECS, "architecture", f"must be one of {', '.join(SPECS)}")
+        need(self.image_size > 0 and self.image_size % 8 == 0, "image_size", "must be a positive multiple of 8")
+        need(0 < self.tau_end <= self.tau_start, "tau_end", "must be in (0, tau_start]")
         for k in ("n_hid", "n_init", "n_blk_per_group", "vocab_size", "tau_steps", "kl_ramp_steps"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise ConfigError(f"{k}: must be positive (got {v})")
-        if self.kl_weight < 0:
-            raise ConfigError(f"kl_weight: must not be negative (got {self.kl_weight})")
+            need(getattr(self, k) is None or getattr(self, k) >= 1, k, "must be positive")
+        need(self.kl_weight >= 0, "kl_weight", "must not be negative")
 
     def spec(self) -> TokenizerSpec:
         base = asdict(SPECS[self.architecture])
@@ -87,13 +83,6 @@ class DVAE(nn.Module):
 
     def forward(self, images, sample_keys, tau: float, beta: float):
         return dvae_loss(self, images, tau, beta, sample_keys)
-
-
-def tokenizer_from_state(sd: dict, spec: TokenizerSpec) -> Tokenizer:
-    tok = Tokenizer(spec)
-    tok.encoder.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
-    tok.decoder.load_state_dict({k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")})
-    return tok
 
 
 @torch.no_grad()
@@ -179,18 +168,17 @@ def train_tokenizer(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict) -> int:
     def picture(module, path):
         if heldout is None:
             return
-        tok = tokenizer_from_state({k: v.float().cpu() for k, v in module.state_dict().items()}, spec)
+        tok = tokenizer_from_state_dict({k: v.float().cpu() for k, v in module.state_dict().items()})
         _, recon = evaluate(tok, heldout[:16])
         if path:
             save_reconstructions(heldout[:16], recon, path)
 
     job = Job(name="dvae", model=model, dataset=dataset, forward=forward, config=settings, picture=picture,
-              summary=f"codebook {spec.vocab_size}, width {spec.n_hid}, {tcfg.image_size} px crops",
-              groups=[{"params": [p for p in model.parameters()]}])
+              summary=f"codebook {spec.vocab_size}, width {spec.n_hid}, {tcfg.image_size} px crops")
     code = run_job(job, run, ds_cfg, rank, world, device)
     if code == 0 and rank == 0:
         ckpt = latest_checkpoint(run.output_dir)
-        tok = tokenizer_from_state(full_state_dict(ckpt), spec)
+        tok = tokenizer_from_state_dict(full_state_dict(ckpt))
         out = os.path.join(run.output_dir, "tokenizer.safetensors")
         save_safetensors(tok, out, {"trained_by": "cimfast.tokenizer_train", "seed": str(run.seed),
                                     "steps": str(run.max_steps)})
