@@ -36,7 +36,7 @@ def synthetic_batch(cfg: Config, batch: int, device) -> dict:
     g = torch.Generator().manual_seed(0)
     masks = BlockMaskGenerator(cfg.grid, cfg.num_masked, cfg.min_block).batch(range(batch))
     return {"images": torch.rand(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device),
-            "images_tok": torch.rand(batch, 3, cfg.tokenizer_size, cfg.tokenizer_size, generator=g).to(device),
+            "images_tok": torch.rand(batch, 3, cfg.tok_size, cfg.tok_size, generator=g).to(device),
             "mask": torch.from_numpy(masks).to(device),
             "sample_key": torch.arange(batch, device=device)}
 
@@ -125,9 +125,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     cfg = Config(preset=a.preset, objective=a.objective).resolve()
-    flops_model, _ = build(cfg, torch.device("cpu"), fast=False)
-    flops = count_step_flops(flops_model, synthetic_batch(cfg, 1, torch.device("cpu")))
-    del flops_model
+    spec = DALLE_SPEC if cfg.tokenizer == "dalle" else build_tokenizer(cfg).spec
+    flops = count_step_flops(lambda: CIMModel(cfg, Tokenizer(spec)), synthetic_batch(cfg, 1, torch.device("cpu")))
     peak = peak_flops(device, None)
     results = [measure(cfg, a.batch, device, fast, a.steps, a.warmup) for fast in (False, True)]
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; preset {a.preset}, "

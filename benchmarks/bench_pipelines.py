@@ -65,21 +65,21 @@ class LegacyPILDataset:
         import torch.nn.functional as F
         from PIL import Image
 
-        from cimfast.pipelines.views import crop_params, sample_rng
+        from cimfast.pipelines.views import sample_crop, sample_key, sample_mask
 
         epoch, index = item
         with Image.open(self.files[index]) as im:
             img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
-        top, left, h, w, flip = crop_params(sample_rng(self.seed, epoch, index, 0), img.shape[1], img.shape[2])
+        top, left, h, w, flip = sample_crop(self.seed, epoch, index, img.shape[1], img.shape[2])
         crop = img[:, top:top + h, left:left + w].unsqueeze(0).float().div_(255)
         if flip:
             crop = crop.flip(-1)
         views = [F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0].clamp_(0, 1)
                  for s in (self.size, self.tok_size)]
         out = {"images": views[0], "images_tok": views[1],
-               "sample_key": torch.tensor(int(sample_rng(self.seed, epoch, index, 2).integers(1 << 32)))}
+               "sample_key": torch.tensor(sample_key(self.seed, epoch, index))}
         if self.mask_fn is not None:
-            out["mask"] = torch.from_numpy(np.asarray(self.mask_fn(sample_rng(self.seed, epoch, index, 1))).reshape(-1))
+            out["mask"] = torch.from_numpy(sample_mask(self.seed, epoch, index, self.mask_fn))
         return out
 
 

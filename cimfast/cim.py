@@ -1,4 +1,13 @@
-"""The CIM objective: one training step's forward, top-down (DESIGN §1).
+"""The CIM objective: one training step's forward, top-down.
+
+One step, for a batch of images: (1) two views of one crop, at the enhancer
+size and at half of it; (2) the frozen tokenizer turns the small view into
+token ids; (3) blockwise masking picks patches; (4) the generator (a small
+BEiT) predicts token distributions at the masked patches; (5) a token is
+sampled at every masked patch; (6) the frozen decoder turns the corrupted
+token map into the corrupted image; (7) the enhancer restores the pixels
+(ResPix) or spots the replaced patches (RevDet); (8) one loss, generator +
+weight x enhancer, trains both networks. No gradient crosses the sampling.
 
 ``CIMModel`` holds the two trainable networks (generator and enhancer). The
 frozen tokenizer is kept outside the module tree on purpose: DeepSpeed (and
@@ -16,7 +25,9 @@ from cimfast.config import Config
 from cimfast.kernels import sample_ce, window_norm_loss, window_normalize
 from cimfast.models.resnet import ResNetEnhancer
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer, unpatchify
+from cimfast.pipelines.views import as_unit
 from cimfast.tokenizer import Tokenizer
+from cimfast.tokenizer_files import OFFICIAL_HINT, load_tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +53,6 @@ class CIMModel(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.set_tokenizer(tokenizer)
-        self._counts_checked = False
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         # A plain attribute inside a tuple: not a registered submodule, so not in
@@ -63,32 +73,35 @@ class CIMModel(nn.Module):
 
     def check_inputs(self, images, images_tok, mask):
         cfg = self.cfg
-        s, t = cfg.img_size, cfg.tokenizer_size
+        s, t = cfg.img_size, cfg.tok_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"images must be [B, 3, {s}, {s}] (RGB at the enhancer size), got {tuple(images.shape)}")
         if images_tok.dim() != 4 or tuple(images_tok.shape[1:]) != (3, t, t):
             raise ValueError(f"tokenizer view must be [B, 3, {t}, {t}], got {tuple(images_tok.shape)}")
         if images_tok.shape[0] != images.shape[0] or tuple(mask.shape) != (images.shape[0], cfg.grid ** 2):
             raise ValueError(f"mask must be [B, {cfg.grid ** 2}] for a batch of {images.shape[0]}, got {tuple(mask.shape)}")
-        if not self._counts_checked:  # once: reading the counts is a host sync
-            counts = mask.sum(1)
-            if not bool((counts == cfg.num_masked).all()):
-                raise ValueError(f"every mask must have exactly num_masked={cfg.num_masked} masked patches; "
-                                 f"got counts {counts.tolist()}")
-            self._counts_checked = True
+        # The static shapes below need exactly num_masked patches per image.
+        # Checked on the device, every step, without a host sync (on CUDA a
+        # failed check is a device-side assert; on the CPU it raises here).
+        torch._assert_async((mask.sum(1) == cfg.num_masked).all(),
+                            f"every mask must have exactly num_masked={cfg.num_masked} masked patches")
 
     def forward(self, images: torch.Tensor, images_tok: torch.Tensor, mask: torch.Tensor,
                 sample_keys: torch.Tensor | None = None, return_visuals: bool = False) -> dict:
-        """images [B,3,S,S] and images_tok [B,3,S/2,S/2] in [0,1] (same crop);
-        mask [B, N] bool; ``sample_keys`` [B] int64 (one per sample, from the
-        loader) make the token draws; None: the batch position.
+        """images [B,3,S,S] and images_tok [B,3,S/2,S/2], uint8 or floats in
+        [0, 1] (the same crop at two sizes); mask [B, N] bool, True at the
+        patches the generator must fill, made per sample by the data
+        pipeline (``cimfast.masking.BlockMaskGenerator``, drawn from the
+        sample's own random stream); ``sample_keys`` [B] int64 (one per
+        sample, from the loader) make the token draws; None: the batch
+        position.
 
         Returns a dict of scalar tensors (``loss`` and metrics; no host sync)
         and, with ``return_visuals``, the picture's tensors.
         """
         self.check_inputs(images, images_tok, mask)
         cfg, tok = self.cfg, self.tokenizer
-        mask = mask.bool()
+        images, images_tok, mask = as_unit(images), as_unit(images_tok), mask.bool()
         B, grid = images.shape[0], cfg.grid
 
         # 1-2. tokenize the small view (frozen)
@@ -117,7 +130,7 @@ class CIMModel(nn.Module):
         # 7. the enhancer restores pixels or detects replaced tokens
         out = self.enhancer(self.normalize(corrupted.to(self.dtype)))  # [B, N, out]
         if cfg.objective == "respix":  # pred stays in patch layout: no unpatchify copy
-            enh_loss = window_norm_loss(out, images, cfg.window, patch=cfg.patch_size)
+            enh_loss = window_norm_loss(out, images, cfg.window, cfg.window_eps, patch=cfg.patch_size)
         else:
             enh_loss = F.binary_cross_entropy_with_logits(out.squeeze(-1).float(), replaced)
 
@@ -151,7 +164,7 @@ class CIMModel(nn.Module):
         vis = {"original": images.float(), "corrupted": corrupted.float(),
                "replaced": replaced.reshape(-1, cfg.grid, cfg.grid)}
         if cfg.objective == "respix":
-            _, mean, std = window_normalize(corrupted, cfg.window)
+            _, mean, std = window_normalize(corrupted, cfg.window, cfg.window_eps)
             vis["restored"] = (unpatchify(out.float(), cfg.patch_size) * std + mean).clamp(0, 1)
         else:
             vis["detected"] = (out.squeeze(-1) > 0).float().reshape(-1, cfg.grid, cfg.grid)
@@ -165,8 +178,6 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
     """The tokenizer the config names: a file or folder, or for the ``tiny``
     architecture the small tokenizer that ships with cimfast (trained on the
     demo photographs by ``cimfast.tokenizer_train``; see the README)."""
-    from cimfast.tokenizer_files import OFFICIAL_HINT, load_tokenizer
-
     if cfg.tokenizer_path:
         return load_tokenizer(cfg.tokenizer_path, cfg.encoder_sha256, cfg.decoder_sha256)
     if cfg.tokenizer == "tiny":

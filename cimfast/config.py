@@ -9,6 +9,7 @@ import functools
 import typing
 from dataclasses import dataclass, field, fields
 
+from cimfast.kernels.pixel_loss import EPS as WINDOW_EPS
 from cimfast.presets import PRESETS
 
 OBJECTIVES = ("respix", "revdet")
@@ -53,6 +54,10 @@ class Config:
     min_block: typing.Optional[int] = field(default=None, metadata={"help": "smallest masking block in patches"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the generator"})
     window: int = field(default=9, metadata={"help": "ResPix sliding normalization window (pixels)"})
+    window_eps: float = field(default=WINDOW_EPS, metadata={
+        "help": "ResPix target = (x - window mean) / sqrt(window variance + window_eps), pixels in [0, 1]; "
+                "1e-4 (a std of 2.55/255) keeps flat windows from turning 8-bit quantization noise into "
+                "unit-size targets (see cimfast.kernels.pixel_loss)"})
     enhancer_weight: float = field(default=1.0, metadata={"help": "loss = generator + enhancer_weight * enhancer"})
 
     def resolve(self) -> "Config":
@@ -78,6 +83,7 @@ class Config:
         need(0 < self.min_block <= self.num_masked, "min_block", f"must be between 1 and num_masked={self.num_masked}")
         need(self.temperature > 0, "temperature", "must be positive")
         need(self.window >= 2, "window", "must be at least 2 pixels")
+        need(self.window_eps > 0, "window_eps", "must be positive")
         need(self.enhancer_weight >= 0, "enhancer_weight", "must not be negative")
         for k in ("generator_dim", "generator_depth", "generator_heads"):
             need(getattr(self, k) > 0, k, "must be positive")
@@ -95,7 +101,7 @@ class Config:
         return self.img_size // self.patch_size
 
     @property
-    def tokenizer_size(self) -> int:
+    def tok_size(self) -> int:
         return self.grid * 8
 
 
@@ -169,7 +175,9 @@ class RunConfig:
     compile: typing.Optional[bool] = field(default=None, metadata={
         "help": "torch.compile the trained networks and the tokenizer (default: on with CUDA, off on a CPU)"})
     tokenizer_bf16: typing.Optional[bool] = field(default=None, metadata={
-        "help": "run the frozen tokenizer in bf16, channels-last (default: on with CUDA)"})
+        "help": "run the frozen tokenizer's residual groups in bf16, channels-last (default: on with CUDA)"})
+    pin_memory: typing.Optional[bool] = field(default=None, metadata={
+        "help": "pinned host memory in the DataLoader for asynchronous copies (default: on with CUDA)"})
     progress: bool = field(default=True, metadata={"help": "show the progress bar on rank 0"})
 
     def validate(self) -> None:

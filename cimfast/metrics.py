@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger("cimfast")
 
@@ -31,24 +35,86 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
-def count_step_flops(model, batch: dict) -> dict:
+def count_step_flops(make_model: Callable[[], torch.nn.Module], batch: dict) -> dict:
     """FLOPs of one training step per image, by part: the frozen tokenizer
     (encode + decode, forward only) and the trainable networks (forward and
-    backward), counted with torch's FLOP counter on a batch of one."""
-    from torch.utils.flop_counter import FlopCounterMode
+    backward), counted with torch's FLOP counter on a batch of one.
 
-    one = {k: v[:1] for k, v in batch.items()}
+    Everything runs on the ``meta`` device: ``make_model()`` is called under
+    it, the batch is moved to it, so nothing is computed and nothing meets a
+    tensor of the training device (a ViT-L step is counted in a second)."""
+    with torch.device("meta"):
+        model = make_model()
+    one = {k: v[:1].to("meta") for k, v in batch.items()}
     tok = model.tokenizer
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        ids = tok.tokenize(one["images_tok"])
+        ids = tok.tokenize(one["images_tok"].float())  # meta: only shapes and dtypes count
         tok.decode(ids)
     tokenizer = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
         out = model(one["images"], one["images_tok"], one["mask"], one["sample_key"])
         out["loss"].backward()
-    model.zero_grad(set_to_none=True)
     total = fc.get_total_flops()  # includes the tokenizer's forward once more
     return {"tokenizer": tokenizer, "trainable": total - tokenizer, "total": total}
+
+
+class Meter:
+    """Accumulates a run's scalar metrics on the device between log intervals
+    and turns them into one metrics record with a single host read (the
+    logging sync): averaged over micro-steps and ranks, with throughput, MFU
+    and data-wait beside them."""
+
+    def __init__(self, world: int, global_batch: int, flops_per_image: float, peak: Optional[float], step: int):
+        self.world, self.global_batch = world, global_batch
+        self.flops_per_image, self.peak = flops_per_image, peak
+        self._reset(step)
+
+    def _reset(self, step: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro, self.wait, self.since, self.step_at = 0, 0.0, time.perf_counter(), step
+
+    def add(self, out: dict) -> None:
+        """One micro-step's outputs (scalar tensors; no host read)."""
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                v = v.detach().float()
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.micro += 1
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def report(self, step: int, counters: dict[str, torch.Tensor]) -> dict:
+        """The record of the steps since the last report. ``counters`` (device
+        scalars, e.g. non-finite counts) are read in the same host read; like
+        the means they are reduced over ranks (the sum for counters)."""
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / max(1, self.micro) / self.world if keys else None
+        extra = torch.stack([counters[k].float() for k in sorted(counters)]) if counters else None
+        parts = [t for t in (means, extra) if t is not None]
+        vec = torch.cat(parts) if parts else torch.zeros(0)
+        if self.world > 1:
+            dist.all_reduce(vec)
+        values = vec.tolist()  # the logging sync
+        metrics = dict(zip(keys + sorted(counters), values))
+        secs = time.perf_counter() - self.since
+        steps = max(1, step - self.step_at)
+        ips = steps * self.global_batch / secs
+        metrics.update(img_per_s=ips, img_per_s_per_device=ips / self.world, data_wait=self.wait / secs,
+                       step_time=secs / steps)
+        if self.peak and self.flops_per_image:
+            metrics["mfu"] = ips / self.world * self.flops_per_image / self.peak
+        self._reset(step)
+        return metrics
+
+
+def progress_postfix(metrics: dict) -> dict:
+    """The progress bar's short form of a metrics record."""
+    post = {k: f"{metrics[k]:.4g}" for k in ("loss", "gen_loss", "enh_loss", "mse") if k in metrics}
+    post["img/s"] = f"{metrics['img_per_s']:.1f}"
+    if "mfu" in metrics:
+        post["mfu"] = f"{metrics['mfu']:.1%}"
+    return post
 
 
 class MetricsWriter:

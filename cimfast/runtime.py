@@ -1,22 +1,31 @@
 """The training loop shared by CIM pre-training and tokenizer training:
-distributed start, the DeepSpeed engine, resume, the step loop with its one
-agreed flag per micro-step, metrics, checkpoints and pictures."""
+distributed start, the DeepSpeed engine, resume, the step loop, metrics,
+checkpoints and pictures.
+
+Between log intervals the loop never reads the device: the non-finite skip
+and the stop request are decided without a host sync (``cimfast.guards``),
+metrics accumulate on the device (``cimfast.metrics.Meter``), and the next
+batch's copy runs while the step computes
+(``cimfast.pipelines.prefetch``)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
-import signal
 import socket
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from cimfast import checkpoint
 from cimfast.config import RunConfig
+from cimfast.guards import NonFiniteGuard, StopRequest
+from cimfast.metrics import Meter, MetricsWriter, peak_flops, progress_postfix, read_metrics
+from cimfast.pictures import save_loss_plot
+from cimfast.pipelines.prefetch import DevicePrefetcher
 
 log = logging.getLogger("cimfast")
 
@@ -39,12 +48,20 @@ def fill_rendezvous_env() -> None:
 
 
 def fill_auto(ds: dict, run: RunConfig) -> dict:
-    """``"auto"`` in the scheduler's step counts: derived from --max_steps."""
+    """``"auto"`` in the scheduler's step counts (derived from --max_steps), and
+    two DeepSpeed defaults that read the device at every step, turned off
+    unless the config sets them: the throughput timer (it synchronizes the
+    device at every forward and step) and bf16's gradient-overflow check (a
+    host read of the gradient norm; cimfast's own guard skips non-finite
+    steps, see ``cimfast.guards``)."""
     params = ds.get("scheduler", {}).get("params", {})
     if params.get("total_num_steps") == "auto":
         params["total_num_steps"] = run.max_steps
     if params.get("warmup_num_steps") == "auto":
         params["warmup_num_steps"] = max(1, run.max_steps // 10)
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
+    if ds.get("bf16", {}).get("enabled"):
+        ds["bf16"].setdefault("check_grad_overflow", False)
     return ds
 
 
@@ -61,8 +78,22 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def compile_enabled(run: RunConfig, device: torch.device) -> bool:
-    return run.compile if run.compile is not None else device.type == "cuda"
+def resolve_cuda_defaults(run: RunConfig, device: torch.device) -> RunConfig:
+    """Settings left unset (None) that are on with CUDA and off elsewhere:
+    compile, the tokenizer's bf16 fast path, pinned loader memory. The one
+    place that decides them, so a CPU test can force every CUDA default on."""
+    for key in ("compile", "tokenizer_bf16", "pin_memory"):
+        if getattr(run, key) is None:
+            setattr(run, key, device.type == "cuda")
+    return run
+
+
+def write_config(run: RunConfig, rank: int, settings: dict) -> None:
+    """``config.json``: every setting of the run (rank 0)."""
+    if rank == 0:
+        os.makedirs(run.output_dir, exist_ok=True)
+        with open(os.path.join(run.output_dir, "config.json"), "w") as f:
+            json.dump(settings, f, indent=1)
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
@@ -86,187 +117,159 @@ def resolve_resume(run: RunConfig) -> Optional[str]:
     return None
 
 
-class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the step."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        if signum == signal.SIGINT:  # a second Ctrl-C stops at once; repeated SIGTERMs
-            signal.signal(signum, signal.SIG_DFL)  # (launchers forward them) are absorbed
-
-
-def agree(nonfinite: torch.Tensor, stop: bool, device) -> tuple[bool, bool]:
-    """All ranks agree whether this micro-step's loss is non-finite (skip it)
-    and whether a stop was requested. This is the one host sync per
-    micro-step: skipping an update has to be decided before it happens, on
-    every rank alike."""
-    flags = torch.stack([nonfinite.float(), torch.tensor(float(stop), device=device)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, stop_all = flags.tolist()
-    return bad > 0, stop_all > 0
-
-
 @dataclass
 class Job:
-    """What a training loop needs to know about the model it trains."""
+    """What the training loop needs to know about the model it trains."""
 
     name: str
-    model: torch.nn.Module
-    dataset: object
-    forward: Callable  # (engine, batch on device, step) -> dict of scalar tensors with "loss"
+    model: torch.nn.Module  # on the training device
+    batches: Callable[[int, int], Iterator[dict]]  # (micro-batch, first global micro-step) -> this rank's batches
+    forward: Callable  # (engine, batch on the device, step) -> dict of scalar tensors with "loss"
     config: dict  # saved into every checkpoint
     flops_per_image: float = 0.0  # for MFU; 0: not reported
     picture: Optional[Callable] = None  # (module, path) -> None, called on all ranks
     summary: str = ""
 
 
-def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
+def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig):
     import deepspeed
 
-    from cimfast.dataloading import build_batches, to_device
-    from cimfast.metrics import MetricsWriter, peak_flops, read_metrics
-    from cimfast.pictures import save_loss_plot
-
-    resume_path = resolve_resume(run)
-    engine, _, _, _ = deepspeed.initialize(model=job.model, model_parameters=param_groups(job.model),
-                                           config=ds_cfg)
-    if compile_enabled(run, device):
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
+    if run.compile:
         engine.compile()
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    global_batch = micro * gas * world
+    return engine
 
+
+def train_step(engine, job: Job, batches, guard: NonFiniteGuard, meter: Meter, state: dict, step: int) -> None:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches,
+    without a host read (unless the guard checks non-finite losses on the host)."""
+    done = 0
+    while done < engine.gradient_accumulation_steps():
+        out = job.forward(engine, next(batches), step)
+        state["micro_steps_consumed"] += 1
+        if guard.skip(out["loss"]):
+            continue
+        engine.backward(out["loss"])
+        if engine.is_gradient_accumulation_boundary():
+            guard.before_update()
+        engine.step()
+        meter.add(out)
+        done += 1
+
+
+class Outputs:
+    """Rank 0's metric lines and progress bar; every rank's checkpoints and pictures."""
+
+    def __init__(self, job: Job, run: RunConfig, engine, rank: int, step: int):
+        self.job, self.run, self.engine, self.rank = job, run, engine, rank
+        self.writer = MetricsWriter(run.output_dir, step) if rank == 0 else None
+        self.bar = None
+        if rank == 0 and run.progress:
+            self.bar = tqdm(total=run.max_steps, initial=step, desc=job.name, dynamic_ncols=True)
+
+    def show(self, step: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        self.writer.write(step, metrics)
+        if self.bar is not None:
+            self.bar.set_postfix(progress_postfix(metrics))
+        else:
+            log.info("step %d: %s", step, json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+
+    def save(self, state: dict, step: int, reason: str) -> None:
+        state.update(step=step, config=self.job.config, reason=reason)
+        path = checkpoint.save(self.engine, self.run.output_dir, step, state, self.run.keep_checkpoints, self.rank)
+        if self.rank == 0:
+            log.info("checkpoint (%s): %s", reason, path)
+
+    def picture(self, name: str) -> None:
+        if self.job.picture is None:
+            return
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            self.job.picture(module, os.path.join(self.run.output_dir, name) if self.rank == 0 else None)
+        module.train(was_training)
+
+    def periodic(self, state: dict, step: int) -> None:
+        run = self.run
+        if run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps:
+            self.save(state, step, "interval")
+        if run.image_interval and step % run.image_interval == 0:
+            self.picture(f"picture_step{step:08d}.png")
+
+    def close(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.rank == 0:
+            self.writer.close()
+            records = read_metrics(self.run.output_dir)
+            if records:
+                save_loss_plot(records, os.path.join(self.run.output_dir, "loss.png"))
+            log.info("done: step %d, outputs in %s", step, self.run.output_dir)
+
+
+def log_extras(engine, device: torch.device) -> dict:
+    """What the engine and the device report at a log interval."""
+    extras = {"lr": engine.get_lr()[0]}
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        extras["grad_norm"] = float(norm)
+    if device.type == "cuda":
+        extras["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return extras
+
+
+def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
+    resume_path = resolve_resume(run)
+    engine = make_engine(job.model, ds_cfg, run)
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     state = {"step": 0, "micro_steps_consumed": 0, "nonfinite_total": 0}
     if resume_path:
         state.update(checkpoint.load(engine, resume_path))
         log.info("resumed from %s at step %d", resume_path, state["step"])
     step = state["step"]
-    if step >= run.max_steps:
-        log.info("the checkpoint is at step %d >= --max_steps %d: nothing to do", step, run.max_steps)
+    batches = DevicePrefetcher(job.batches(micro, state["micro_steps_consumed"]), device)
+    guard = NonFiniteGuard(engine.optimizer, device, world, state["nonfinite_total"])
+    meter = Meter(world, micro * gas * world, job.flops_per_image, peak_flops(device, run.peak_tflops), step)
+    stopper = StopRequest(world)
+    outputs = Outputs(job, run, engine, rank, step)
+    log.info("%s: %d rank(s), micro-batch %d x %d accumulation = global batch %d; %s",
+             job.name, world, micro, gas, micro * gas * world, job.summary)
 
-    batches = build_batches(None, run, rank, world, micro, state["micro_steps_consumed"], device, dataset=job.dataset)
-    peak = peak_flops(device, run.peak_tflops)
-    writer = MetricsWriter(run.output_dir, step) if rank == 0 else None
-    stopper = StopRequest()
-    if rank == 0:
-        log.info("%s: %d rank(s), micro-batch %d x %d accumulation = global batch %d%s", job.name, world, micro, gas,
-                 global_batch, f"; {job.summary}" if job.summary else "")
-    bar = None
-    if rank == 0 and run.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=run.max_steps, initial=step, desc=job.name, dynamic_ncols=True)
-
-    def save(reason: str):
-        state.update(step=step, config=job.config, reason=reason)
-        path = checkpoint.save(engine, run.output_dir, step, state, run.keep_checkpoints, rank)
-        if rank == 0:
-            log.info("checkpoint (%s): %s", reason, path)
-
-    def picture(name: str):
-        if job.picture is None:
-            return
-        was_training = engine.module.training
-        engine.module.eval()
-        with torch.no_grad():
-            job.picture(engine.module, os.path.join(run.output_dir, name) if rank == 0 else None)
-        engine.module.train(was_training)
-
-    sums: dict[str, torch.Tensor] = {}
-    n_micro, wait, t_last, nonfinite_row, step_at_log = 0, 0.0, time.perf_counter(), 0, step
-    exit_code, stop = 0, False
+    code, stopped = 0, False
     engine.train()
-    while step < run.max_steps and not stop:
-        micro_done = 0
-        while micro_done < gas:
-            t0 = time.perf_counter()
-            batch = to_device(next(batches), device)
-            wait += time.perf_counter() - t0
-            out = job.forward(engine, batch, step)
-            bad, stop = agree(~torch.isfinite(out["loss"].detach()), stopper.requested, device)
-            if stop and micro_done == 0:
-                break  # this batch is not consumed: a resumed run starts with it
-            state["micro_steps_consumed"] += 1
-            if bad:
-                state["nonfinite_total"] += 1
-                nonfinite_row += 1
-                log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)", step + 1, nonfinite_row)
-                if nonfinite_row >= run.max_nonfinite:
-                    save("non-finite losses")
-                    log.error("%d non-finite losses in a row: stopping. Lower the learning rate, check the "
-                              "data, or use bf16 instead of fp16; resume with --resume auto.", nonfinite_row)
-                    exit_code = 3
-                    break
-                continue
-            nonfinite_row = 0
-            engine.backward(out["loss"])
-            engine.step()
-            micro_done += 1
-            n_micro += 1
-            for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.dim() == 0:
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-        if exit_code or (stop and micro_done == 0):
-            break
+    while step < run.max_steps and not stopped:
+        train_step(engine, job, batches, guard, meter, state, step)
         step += 1
-        if bar is not None:
-            bar.update(1)
-        if step % run.log_interval == 0 or step == run.max_steps:
-            now = time.perf_counter()
-            keys = sorted(sums)
-            vec = torch.stack([sums[k] for k in keys]) / max(1, n_micro)
-            if world > 1:
-                dist.all_reduce(vec)
-                vec /= world
-            metrics = dict(zip(keys, vec.tolist()))  # the logging sync
-            steps, secs = step - step_at_log, now - t_last
-            ips = steps * global_batch / secs
-            metrics.update(lr=engine.get_lr()[0], img_per_s=ips, img_per_s_per_device=ips / world,
-                           data_wait=wait / secs, step_time=secs / steps, nonfinite_total=state["nonfinite_total"])
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                metrics["grad_norm"] = float(gn)
-            if peak and job.flops_per_image:
-                metrics["mfu"] = ips / world * job.flops_per_image / peak
-            if device.type == "cuda":
-                metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                writer.write(step, metrics)
-                if bar is not None:
-                    post = {k: f"{metrics[k]:.4g}" for k in ("loss", "gen_loss", "enh_loss", "mse") if k in metrics}
-                    post["img/s"] = f"{ips:.1f}"
-                    if "mfu" in metrics:
-                        post["mfu"] = f"{metrics['mfu']:.1%}"
-                    bar.set_postfix(post)
-                else:
-                    log.info("step %d: %s", step, json.dumps({k: round(v, 5) for k, v in metrics.items()}))
-            sums, n_micro, wait, t_last, step_at_log = {}, 0, 0.0, time.perf_counter(), step
-        if run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps:
-            save("interval")
-        if run.image_interval and step % run.image_interval == 0:
-            picture(f"picture_step{step:08d}.png")
+        if outputs.bar is not None:
+            outputs.bar.update(1)
+        if step % run.log_interval == 0 or step == run.max_steps:  # the one host read
+            meter.waited(batches.take_wait())
+            metrics = meter.report(step, guard.counters())
+            metrics.update(log_extras(engine, device))
+            _, in_a_row = guard.read(metrics)
+            outputs.show(step, metrics)
+            if in_a_row >= run.max_nonfinite:
+                code = 3
+                log.error("%d non-finite losses in a row: stopping. Lower the learning rate, check the data, "
+                          "or use bf16 instead of fp16; resume with --resume auto.", in_a_row)
+                break
+        outputs.periodic(state, step)
+        stopped = stopper.agreed()
 
-    if bar is not None:
-        bar.close()
-    if exit_code == 0:
-        if stop and step < run.max_steps:
-            save("signal")
-            log.info("stopped by signal at step %d; continue with --resume auto", step)
-        else:
-            save("end")
-            picture("picture_final.png")
-    if rank == 0:
-        writer.close()
-        records = read_metrics(run.output_dir)
-        if records:
-            save_loss_plot(records, os.path.join(run.output_dir, "loss.png"))
-        log.info("done: step %d, outputs in %s", step, run.output_dir)
-    return exit_code
+    state["nonfinite_total"] = guard.total_now()
+    if code:
+        outputs.save(state, step, "non-finite losses")
+    elif stopped and step < run.max_steps:
+        outputs.save(state, step, "signal")
+        log.info("stopped by signal at step %d; continue with --resume auto", step)
+    else:
+        outputs.save(state, step, "end")
+        outputs.picture("picture_final.png")
+    outputs.close(step)
+    return code
 
 
 def finish() -> None:

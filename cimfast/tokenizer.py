@@ -119,7 +119,17 @@ class Encoder(nn.Module):
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+        return run_in_own_dtypes(self.blocks.named_children(), x)
+
+
+def run_in_own_dtypes(children, x: torch.Tensor) -> torch.Tensor:
+    """Each part runs in its own weights' dtype: on the bf16 fast path the
+    input and output convolutions stay fp32 (as OpenAI's DALL-E code keeps
+    them), the residual groups run in bf16."""
+    for _, module in children:
+        p = next(module.parameters(), None)
+        x = module(x if p is None else x.to(p.dtype))
+    return x
 
 
 class Decoder(nn.Module):
@@ -147,7 +157,7 @@ class Decoder(nn.Module):
 
     def forward_onehot(self, onehot: torch.Tensor) -> torch.Tensor:
         """The official form: a 1x1 convolution over the one-hot map (reference)."""
-        return self.blocks(onehot)
+        return run_in_own_dtypes(self.blocks.named_children(), onehot)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> 6-channel logit-Laplace parameters.
@@ -169,10 +179,7 @@ class Decoder(nn.Module):
         """x [B, h, w, n_init] (the input layer's output before its bias)."""
         x = (x + self.blocks.input.b.to(x.dtype)).permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
-        for name, module in self.blocks.named_children():
-            if name != "input":
-                x = module(x)
-        return x
+        return run_in_own_dtypes(((n, m) for n, m in self.blocks.named_children() if n != "input"), x)
 
 
 def spec_from_state_dicts(enc: dict, dec: dict) -> TokenizerSpec:
@@ -197,17 +204,19 @@ class Tokenizer(nn.Module):
         self.decoder = Decoder(spec)
         self.requires_grad_(False)
         self.eval()
-        self.compute_dtype: torch.dtype | None = None  # None: the input's dtype
         self._run = (self.encoder, self.decoder)  # a tuple: compiled wrappers are not submodules
 
     def fast(self, dtype: torch.dtype | None = torch.bfloat16, compile: bool = False) -> "Tokenizer":
-        """The inference fast path: weights in ``dtype``, channels-last
-        activations, and (on CUDA) ``torch.compile``d encoder and decoder.
-        Token ids can differ from the fp32 ones where two logits tie within
-        bf16 precision."""
+        """The inference fast path: the residual groups' weights in ``dtype``
+        (the input and output convolutions stay fp32, as in OpenAI's DALL-E
+        code), channels-last activations, and (on CUDA) ``torch.compile``d
+        encoder and decoder. Token ids can differ from the fp32 ones where two
+        logits tie within bf16 precision (benchmarks/tokenizer_agreement.py)."""
         if dtype is not None:
             self.to(dtype)
-            self.compute_dtype = dtype
+            for part in (self.encoder, self.decoder):
+                part.blocks.input.float()
+                part.blocks.output.float()
         self.to(memory_format=torch.channels_last)
         if compile:
             self._run = (torch.compile(self.encoder, dynamic=False), torch.compile(self.decoder, dynamic=False))
@@ -232,7 +241,7 @@ class Tokenizer(nn.Module):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> token ids [B, H/8, W/8] (argmax of the logits)."""
         self._check(x)
-        x = map_pixels(x).to(self.compute_dtype or x.dtype).contiguous(memory_format=torch.channels_last)
+        x = map_pixels(x).contiguous(memory_format=torch.channels_last)  # cast by each part to its dtype
         return self._run[0](x).argmax(dim=1)
 
     @torch.no_grad()

@@ -26,10 +26,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from cimfast.checkpoint import latest_checkpoint
 from cimfast.cli import parse
 from cimfast.config import ConfigError, RunConfig, require
+from cimfast.dataloading import build_batches, build_image_dataset
 from cimfast.dvae import beta_at, codebook_stats, dvae_loss, psnr, tau_at
-from cimfast.runtime import Job, fill_auto, finish, init_distributed, run_job, setup_logging
+from cimfast.export import full_state_dict
+from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
+from cimfast.pipelines.views import as_unit
+from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
+                             setup_logging, write_config)
 from cimfast.tokenizer import DALLE_SPEC, TINY_SPEC, Decoder, Encoder, Tokenizer, TokenizerSpec
 from cimfast.tokenizer_files import save_safetensors, tokenizer_from_state_dict
 
@@ -82,7 +88,7 @@ class DVAE(nn.Module):
         self.decoder = Decoder(spec)
 
     def forward(self, images, sample_keys, tau: float, beta: float):
-        return dvae_loss(self, images, tau, beta, sample_keys)
+        return dvae_loss(self, as_unit(images), tau, beta, sample_keys)
 
 
 @torch.no_grad()
@@ -101,8 +107,6 @@ def evaluate(tok: Tokenizer, images: torch.Tensor, batch: int = 32) -> dict:
 
 
 def heldout_images(tcfg: TokenizerConfig, run: RunConfig) -> typing.Optional[torch.Tensor]:
-    from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
-
     if tcfg.heldout_path:
         ds = FileListDataset(list_images(tcfg.heldout_path), tcfg.image_size, None, seed=run.seed + 1)
     elif run.data_path is None:
@@ -110,7 +114,7 @@ def heldout_images(tcfg: TokenizerConfig, run: RunConfig) -> typing.Optional[tor
     else:
         return None
     n = min(tcfg.heldout_samples, len(ds))
-    return torch.stack([ds[(0, i)]["images"] for i in range(n)])
+    return as_unit(torch.stack([ds[(0, i)]["images"] for i in range(n)]))
 
 
 def save_reconstructions(images: torch.Tensor, recon: torch.Tensor, path: str, n: int = 16) -> None:
@@ -136,23 +140,22 @@ def main(argv=None) -> int:
         print(f"cimfast: configuration error: {e}", file=sys.stderr)
         return 2
     fill_auto(ds_cfg, run)
-    code = train_tokenizer(tcfg, run, ds_cfg)
+    rank, world, device = init_distributed()
+    job, heldout = setup(tcfg, run, ds_cfg, rank, world, device)
+    code = run_job(job, run, ds_cfg, rank, world, device)
+    if code == 0 and rank == 0:
+        write_tokenizer(run, heldout)
     finish()
     return code
 
 
-def train_tokenizer(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict) -> int:
-    from cimfast.checkpoint import latest_checkpoint
-    from cimfast.dataloading import build_image_dataset
-    from cimfast.export import full_state_dict
-
-    rank, world, device = init_distributed()
+def setup(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict, rank: int, world: int,
+          device: torch.device) -> tuple[Job, typing.Optional[torch.Tensor]]:
+    """The dVAE job (built in one order, placed on ``device`` in one place) and the held-out images."""
+    resolve_cuda_defaults(run, device)
     spec = tcfg.spec()
     settings = {**asdict(tcfg), **asdict(run), "spec": asdict(spec)}
-    if rank == 0:
-        os.makedirs(run.output_dir, exist_ok=True)
-        with open(os.path.join(run.output_dir, "config.json"), "w") as f:
-            json.dump({"cimfast": settings, "deepspeed": ds_cfg}, f, indent=1)
+    write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg})
     dataset = build_image_dataset(run, tcfg.image_size, None, mask_fn=None)
     heldout = heldout_images(tcfg, run)
     torch.manual_seed(run.seed)
@@ -169,28 +172,30 @@ def train_tokenizer(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict) -> int:
         if heldout is None:
             return
         tok = tokenizer_from_state_dict({k: v.float().cpu() for k, v in module.state_dict().items()})
-        _, recon = evaluate(tok, heldout[:16])
+        _, recon = evaluate(tok, heldout[:16])  # on the CPU, off the training device
         if path:
             save_reconstructions(heldout[:16], recon, path)
 
-    job = Job(name="dvae", model=model, dataset=dataset, forward=forward, config=settings, picture=picture,
+    job = Job(name="dvae", model=model, forward=forward, config=settings, picture=picture,
+              batches=lambda micro, start: build_batches(dataset, run, micro, start, device, rank, world),
               summary=f"codebook {spec.vocab_size}, width {spec.n_hid}, {tcfg.image_size} px crops")
-    code = run_job(job, run, ds_cfg, rank, world, device)
-    if code == 0 and rank == 0:
-        ckpt = latest_checkpoint(run.output_dir)
-        tok = tokenizer_from_state_dict(full_state_dict(ckpt))
-        out = os.path.join(run.output_dir, "tokenizer.safetensors")
-        save_safetensors(tok, out, {"trained_by": "cimfast.tokenizer_train", "seed": str(run.seed),
-                                    "steps": str(run.max_steps)})
-        report = {"tokenizer": out, "spec": asdict(spec), "steps": run.max_steps}
-        if heldout is not None:
-            metrics, recon = evaluate(tok, heldout)
-            report["heldout"] = metrics
-            save_reconstructions(heldout, recon, os.path.join(run.output_dir, "reconstructions.png"))
-        with open(os.path.join(run.output_dir, "tokenizer_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        log.info("tokenizer written to %s; report: %s", out, json.dumps(report.get("heldout", {})))
-    return code
+    return job, heldout
+
+
+def write_tokenizer(run: RunConfig, heldout: typing.Optional[torch.Tensor]) -> None:
+    """``tokenizer.safetensors`` from the last checkpoint, and the held-out report."""
+    tok = tokenizer_from_state_dict(full_state_dict(latest_checkpoint(run.output_dir)))
+    out = os.path.join(run.output_dir, "tokenizer.safetensors")
+    save_safetensors(tok, out, {"trained_by": "cimfast.tokenizer_train", "seed": str(run.seed),
+                                "steps": str(run.max_steps)})
+    report = {"tokenizer": out, "spec": asdict(tok.spec), "steps": run.max_steps}
+    if heldout is not None:
+        metrics, recon = evaluate(tok, heldout)
+        report["heldout"] = metrics
+        save_reconstructions(heldout, recon, os.path.join(run.output_dir, "reconstructions.png"))
+    with open(os.path.join(run.output_dir, "tokenizer_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    log.info("tokenizer written to %s; report: %s", out, json.dumps(report.get("heldout", {})))
 
 
 if __name__ == "__main__":

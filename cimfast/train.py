@@ -13,14 +13,20 @@ import sys
 if __name__ == "__main__" and not __package__:
     import _script_path  # noqa: F401  (sys.path set-up for running as a script)
 
-import json
 from dataclasses import asdict
 
 import torch
 
+from cimfast.cim import CIMModel, build_tokenizer
 from cimfast.cli import parse
 from cimfast.config import Config, ConfigError, RunConfig
-from cimfast.runtime import Job, compile_enabled, fill_auto, finish, init_distributed, run_job, setup_logging
+from cimfast.dataloading import build_batches, build_dataset, fixed_batch
+from cimfast.metrics import count_step_flops
+from cimfast.models.attention import probe
+from cimfast.pictures import save_grid
+from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
+                             setup_logging, write_config)
+from cimfast.tokenizer import Tokenizer
 
 
 def main(argv=None) -> int:
@@ -31,35 +37,31 @@ def main(argv=None) -> int:
         print(f"cimfast: configuration error: {e}", file=sys.stderr)
         return 2
     fill_auto(ds_cfg, run)
-    code = train(cfg, run, ds_cfg, ds_path)
+    rank, world, device = init_distributed()
+    code = run_job(setup(cfg, run, ds_cfg, ds_path, rank, world, device), run, ds_cfg, rank, world, device)
     finish()
     return code
 
 
-def train(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str) -> int:
-    from cimfast.cim import CIMModel, build_tokenizer
-    from cimfast.dataloading import build_dataset, fixed_batch, to_device
-    from cimfast.metrics import count_step_flops
-    from cimfast.pictures import save_grid
-
-    rank, world, device = init_distributed()
+def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, rank: int, world: int,
+          device: torch.device) -> Job:
+    """Everything the loop trains, built in one order and placed on ``device``
+    in one place: data, then tokenizer and model on the CPU, FLOPs counted on
+    the meta device, then both moved together, then the device-only set-up."""
+    resolve_cuda_defaults(run, device)
     settings = {**asdict(cfg), **asdict(run)}
-    if rank == 0:
-        os.makedirs(run.output_dir, exist_ok=True)
-        with open(os.path.join(run.output_dir, "config.json"), "w") as f:
-            json.dump({"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path}, f, indent=1)
-
+    write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})
     dataset = build_dataset(cfg, run)  # a bad data path fails before anything is built
-    tokenizer = build_tokenizer(cfg).to(device)
-    if run.tokenizer_bf16 if run.tokenizer_bf16 is not None else device.type == "cuda":
-        tokenizer.fast(torch.bfloat16, compile=compile_enabled(run, device))
+    shown = fixed_batch(dataset, 8)
+    tokenizer = build_tokenizer(cfg)
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     model = CIMModel(cfg, tokenizer)
-    shown = fixed_batch(dataset, 8)
-    flops = count_step_flops(model, shown)
-    model.to(device)
-    from cimfast.models.attention import probe
+    flops = count_step_flops(lambda: CIMModel(cfg, Tokenizer(tokenizer.spec)), shown)
 
+    tokenizer.to(device)
+    model.to(device)
+    if run.tokenizer_bf16:
+        tokenizer.fast(torch.bfloat16, compile=run.compile)
     probe(device, torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else
           torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32)
 
@@ -67,16 +69,16 @@ def train(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str) -> int:
         return engine(batch["images"], batch["images_tok"], batch["mask"], batch["sample_key"])
 
     def picture(module, path):
-        b = to_device(shown, device)
+        b = {k: v.to(device) for k, v in shown.items()}
         out = module(b["images"], b["images_tok"], b["mask"], b["sample_key"], return_visuals=True)
         if path:
             save_grid(out["visuals"], cfg.patch_size, path)
 
-    job = Job(name="cim", model=model, dataset=dataset, forward=forward, config=settings,
-              flops_per_image=flops["total"], picture=picture,
-              summary=f"preset {cfg.preset}, objective {cfg.objective}, {flops['total'] / 1e9:.2f} GFLOP per image "
-                      f"per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
-    return run_job(job, run, ds_cfg, rank, world, device)
+    return Job(name="cim", model=model, forward=forward, config=settings, picture=picture,
+               batches=lambda micro, start: build_batches(dataset, run, micro, start, device, rank, world),
+               flops_per_image=flops["total"],
+               summary=f"preset {cfg.preset}, objective {cfg.objective}, {flops['total'] / 1e9:.2f} GFLOP per "
+                       f"image per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
 
 
 if __name__ == "__main__":

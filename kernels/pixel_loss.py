@@ -28,17 +28,39 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-EPS = 1e-6
+# The variance floor, for pixels in [0, 1]. Smaller values turn 8-bit noise
+# into targets: a flat window holding only quantization noise (variance
+# (1/255)^2 / 12 = 1.3e-6) gets unit-size targets with eps = 1e-6, about a
+# third of that size with 1e-5, and small ones with 1e-4 (a std floor of
+# 2.55/255). benchmarks/respix_eps.py measures this on the demo photos; the
+# numbers are in benchmarks/RESULTS.md.
+EPS = 1e-4
 
 
-def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+def window_stats(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean - x, variance) over each pixel's window, clipped at the border.
+
+    Computed as the fused kernel does, from sums of differences to the
+    centre pixel (a shifted variance: no E[x^2] - E[x]^2 cancellation in flat
+    windows), over the window's offsets in the same order, so that kernel and
+    reference agree to rounding even where the variance is tiny."""
     lo = window // 2
     hi = window - 1 - lo
-    ones = torch.ones_like(x[:1, :1])
+    B, C, H, W = x.shape
     pad = (lo, hi, lo, hi)
-    s = F.avg_pool2d(F.pad(x, pad), window, stride=1, divisor_override=1)
-    n = F.avg_pool2d(F.pad(ones, pad), window, stride=1, divisor_override=1)
-    return s / n
+    xp = F.pad(x, pad)
+    valid = F.pad(torch.ones_like(x[:1, :1]), pad)
+    s = torch.zeros_like(x)
+    ss = torch.zeros_like(x)
+    for dy in range(window):
+        for dx in range(window):
+            m = valid[..., dy:dy + H, dx:dx + W]
+            d = (xp[..., dy:dy + H, dx:dx + W] - x) * m
+            s += d
+            ss += d * d
+    count = F.avg_pool2d(valid, window, stride=1, divisor_override=1)
+    mean_d = s / count
+    return mean_d, (ss / count - mean_d * mean_d).clamp_min(0)
 
 
 def window_normalize(x: torch.Tensor, window: int, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,10 +70,9 @@ def window_normalize(x: torch.Tensor, window: int, eps: float = EPS) -> tuple[to
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    mean = _box_mean(x, window)
-    var = (_box_mean(x * x, window) - mean * mean).clamp_min(0)
+    mean_d, var = window_stats(x, window)
     std = torch.sqrt(var + eps)
-    return (x - mean) / std, mean, std
+    return -mean_d / std, x + mean_d, std
 
 
 def _unpatchify(pred: torch.Tensor, patch: int, image_shape) -> torch.Tensor:
@@ -93,8 +114,8 @@ if HAS_TRITON:
         y = (offs // W) % H
         lo = WINDOW // 2
         centre = tl.load(img_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        # Sums of (neighbour - centre): the same mean and variance as the
-        # reference's E[x^2] - E[x]^2, without its cancellation in flat regions.
+        # Sums of (neighbour - centre), as the reference's window_stats: no
+        # E[x^2] - E[x]^2 cancellation in flat regions.
         s = tl.zeros_like(centre)
         ss = tl.zeros_like(centre)
         for dy in range(WINDOW):
@@ -156,12 +177,12 @@ if HAS_TRITON:
         tl.store(grad_ptr + p_offs, ((p - target) * scale).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch_config(block: int) -> tuple[int, int]:
+def _launch_config(block: int, interpreter: bool = INTERPRETER) -> tuple[int, int]:
     """(pixels per program, warps). 0 means: pick."""
     if block and block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
-    # The interpreter runs programs one after another (NOTES.md): few wide programs.
-    block = block or (4096 if INTERPRETER else 1024)
+    # The interpreter runs programs one after another: few wide programs.
+    block = block or (4096 if interpreter else 1024)
     return block, 8 if block >= 2048 else 4
 
 

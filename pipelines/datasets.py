@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cimfast.pipelines.views import crop_params, sample_rng, two_views
+from cimfast.pipelines.views import sample_crop, sample_key, sample_mask, two_views
 
 log = logging.getLogger("cimfast")
 
@@ -28,7 +28,7 @@ class TwoViewDataset(Dataset):
     ``tok_size`` None gives the one view ``images`` only.
 
     ``mask_fn(rng) -> array`` (optional) adds a per-sample mask drawn from the
-    sample's own generator (stream 1).
+    sample's own mask stream (``views.Stream``).
     """
 
     def __init__(self, size: int, tok_size: int, seed: int = 0,
@@ -41,13 +41,14 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, item):
         epoch, index = item
         img = self.load(index)
-        params = crop_params(sample_rng(self.seed, epoch, index, 0), img.shape[1], img.shape[2])
+        params = sample_crop(self.seed, epoch, index, img.shape[1], img.shape[2])
         big, small = two_views(img, params, self.size, self.tok_size)
-        out = {"images": big, "sample_key": torch.tensor(int(sample_rng(self.seed, epoch, index, 2).integers(1 << 32)))}
+        out = {"images": big, "sample_key": torch.tensor(sample_key(self.seed, epoch, index))}
         if small is not None:
             out["images_tok"] = small
-        if self.mask_fn is not None:
-            out["mask"] = torch.from_numpy(np.asarray(self.mask_fn(sample_rng(self.seed, epoch, index, 1))).reshape(-1))
+        mask = sample_mask(self.seed, epoch, index, self.mask_fn)
+        if mask is not None:
+            out["mask"] = torch.from_numpy(mask)
         return out
 
 

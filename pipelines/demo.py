@@ -6,6 +6,9 @@ samples.
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -44,3 +47,25 @@ def demo_images(split: str = "train") -> tuple[np.ndarray, ...]:
     except ImportError:
         pass
     return tuple(imgs)
+
+
+def demo_jpeg_files(split: str = "train", cache_dir: Optional[str] = None, quality: int = 95) -> tuple[list, list]:
+    """The demo photographs written once as JPEG files (for readers that need
+    files): (paths, (height, width, "JPEG") per path)."""
+    from PIL import Image
+
+    from cimfast.pipelines.validate import default_cache_dir
+
+    folder = os.path.join(cache_dir or default_cache_dir(), f"demo-jpeg-q{quality}", split)
+    os.makedirs(folder, exist_ok=True)
+    paths, info = [], []
+    for i, a in enumerate(demo_images(split)):
+        path = os.path.join(folder, f"{i:03d}_{a.shape[0]}x{a.shape[1]}.jpg")
+        if not os.path.isfile(path):
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".jpg.tmp")
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(np.ascontiguousarray(a)).save(f, "JPEG", quality=quality)
+            os.replace(tmp, path)  # atomic: ranks writing at once are harmless
+        paths.append(path)
+        info.append((a.shape[0], a.shape[1], "JPEG"))
+    return paths, info

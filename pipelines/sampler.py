@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochSampler(Sampler):
@@ -53,3 +53,12 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return self.steps_per_epoch * self.b
+
+
+def build_loader(dataset, micro_batch: int, rank: int, world: int, seed: int, start_micro_step: int,
+                 num_workers: int, pin_memory: bool) -> DataLoader:
+    """Endless loader of this rank's micro-batches, starting at a global micro-step."""
+    sampler = EpochSampler(len(dataset), micro_batch, rank, world, seed=seed, start_step=start_micro_step)
+    return DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=True,
+                      prefetch_factor=4 if num_workers else None, persistent_workers=num_workers > 0)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cimfast.pipelines.views import sample_rng
+from cimfast.pipelines.views import sample_mask
 
 
 class SyntheticBatches:
@@ -37,7 +37,7 @@ class SyntheticBatches:
         self.masks = None
         if mask_fn is not None:
             k = max(bank, batch)
-            bank_np = np.stack([np.asarray(mask_fn(sample_rng(seed, 0, i, 1))).reshape(-1) for i in range(k)])
+            bank_np = np.stack([sample_mask(seed, 0, i, mask_fn) for i in range(k)])
             self.masks = torch.from_numpy(bank_np).to(device)
         self._arange = torch.arange(batch, device=device, dtype=torch.int64)
 

@@ -7,6 +7,8 @@ and flip for the same sample.
 from __future__ import annotations
 
 import math
+from enum import IntEnum
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -16,9 +18,35 @@ SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 
 
-def sample_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
-    """The generator for one sample's random decisions (stream 0: crop, 1: mask)."""
-    return np.random.default_rng([int(seed), int(epoch), int(index), int(stream)])
+class Stream(IntEnum):
+    """The independent random streams of one sample. Every pipeline draws each
+    decision from its own stream, so adding a draw to one never shifts another."""
+
+    CROP = 0          # random resized crop and horizontal flip
+    MASK = 1          # the blockwise mask
+    SAMPLING_KEY = 2  # the key of the generator's token draws (see cimfast.kernels.sampling)
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: Stream) -> np.random.Generator:
+    """The generator for one of a sample's random decisions."""
+    return np.random.default_rng([int(seed), int(epoch), int(index), int(Stream(stream))])
+
+
+def sample_crop(seed: int, epoch: int, index: int, height: int, width: int):
+    """(top, left, h, w, flip) of sample ``index`` in ``epoch`` for an image of height x width."""
+    return crop_params(sample_rng(seed, epoch, index, Stream.CROP), height, width)
+
+
+def sample_key(seed: int, epoch: int, index: int) -> int:
+    """The sample's token-draw key (a uint32 value)."""
+    return int(sample_rng(seed, epoch, index, Stream.SAMPLING_KEY).integers(1 << 32))
+
+
+def sample_mask(seed: int, epoch: int, index: int, mask_fn: Optional[Callable]) -> Optional[np.ndarray]:
+    """The sample's mask, flattened (None without a mask function)."""
+    if mask_fn is None:
+        return None
+    return np.ascontiguousarray(np.asarray(mask_fn(sample_rng(seed, epoch, index, Stream.MASK))).reshape(-1))
 
 
 def crop_params(rng: np.random.Generator, height: int, width: int, scale=SCALE, ratio=RATIO):
@@ -46,28 +74,33 @@ def crop_params(rng: np.random.Generator, height: int, width: int, scale=SCALE, 
     return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
-def two_views(img: torch.Tensor, params, size: int, tok_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [3, H, W] -> (enhancer view [3, size, size], tokenizer view
-    [3, tok_size, tok_size] or None), both float in [0, 1], from one crop and one flip.
+def as_unit(x: torch.Tensor) -> torch.Tensor:
+    """Views as floats in [0, 1]. The pipelines hand over uint8 views (a
+    quarter of the bytes of float32); the model calls this on the training
+    device, where it fuses into the first normalization."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x
 
-    Bilinear resizing with antialiasing (as PIL and DALI do). A uint8 image is
-    resized in uint8 by torch's vectorized channels-last kernel (several times
-    faster than in float on the CPU; at most 1/255 apart), a float one
-    (values in [0, 255]) in float."""
+
+def two_views(img: torch.Tensor, params, size: int, tok_size: Optional[int]
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """uint8 [3, H, W] -> (enhancer view [3, size, size], tokenizer view
+    [3, tok_size, tok_size] or None), both uint8, from one crop and one flip.
+
+    Views stay uint8 until they reach the training device (a quarter of the
+    bytes of float32 through the loader and the host-to-device copy); the
+    model turns them into [0, 1] floats there (``cimfast.cim.as_unit``).
+    Bilinear resizing with antialiasing (as PIL and DALI do), in uint8 by
+    torch's vectorized channels-last kernel (several times faster than in
+    float on the CPU; at most 1/255 apart)."""
+    if img.dtype != torch.uint8:
+        raise TypeError(f"two_views takes uint8 images, got {img.dtype}")
     top, left, h, w, flip = params
     crop = img[:, top:top + h, left:left + w].unsqueeze(0)
     if flip:
         crop = crop.flip(-1)
-    if crop.dtype == torch.uint8:
-        crop = crop.contiguous(memory_format=torch.channels_last)
+    crop = crop.contiguous(memory_format=torch.channels_last)
 
-        def resize(s):
-            out = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-            return out[0].float().div_(255).contiguous()
-    else:  # float in [0, 255]
-        crop = crop.float().div(255)
-
-        def resize(s):
-            out = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-            return out[0].clamp_(0, 1)
+    def resize(s):
+        out = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return out[0].contiguous()
     return resize(size), (resize(tok_size) if tok_size is not None else None)

@@ -10,7 +10,7 @@ from cimfast.pipelines.datasets import DemoDataset
 def _setup(preset="tiny", objective="respix", **kw):
     cfg = Config(preset=preset, objective=objective, **kw).resolve()
     model = CIMModel(cfg, build_tokenizer(cfg))
-    ds = DemoDataset(cfg.img_size, cfg.tokenizer_size, samples=256,
+    ds = DemoDataset(cfg.img_size, cfg.tok_size, samples=256,
                      mask_fn=BlockMaskGenerator(cfg.grid, cfg.num_masked, cfg.min_block))
     return cfg, model, ds
 

@@ -15,7 +15,7 @@ def _batch(cfg, n=4):
     g = torch.Generator().manual_seed(0)
     masks = BlockMaskGenerator(cfg.grid, cfg.num_masked, cfg.min_block).batch(range(n))
     return (torch.rand(n, 3, cfg.img_size, cfg.img_size, generator=g),
-            torch.rand(n, 3, cfg.tokenizer_size, cfg.tokenizer_size, generator=g),
+            torch.rand(n, 3, cfg.tok_size, cfg.tok_size, generator=g),
             torch.from_numpy(masks), torch.arange(n))
 
 

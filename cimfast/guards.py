@@ -1,0 +1,146 @@
+"""What keeps the step loop free of host syncs: the non-finite loss guard and
+the stop request, both decided without reading the device between log
+intervals.
+
+Non-finite losses. A step in which any rank's loss is not finite is skipped
+on the device: the flag is OR-ed over the step's micro-batches, all-reduced
+over ranks (a device collective, no host read) and handed to the optimizer
+as ``found_inf``, the argument torch's fused Adam/AdamW/SGD take from
+``GradScaler``: with it set the fused kernel leaves weights, moments and the
+step count untouched. Counts (total, longest run of bad steps) stay on the
+device and are read with the metrics at the log interval. An optimizer
+without ``found_inf`` (DeepSpeed's own FusedAdam, a foreach torch AdamW)
+falls back to the exact host-side check: one read per micro-step, the bad
+micro-batch skipped before its backward. The choice is logged once; write
+``"fused": true`` beside ``"torch_adam": true`` in the optimizer's params
+for the device path.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("cimfast")
+
+
+def _inner_optimizers(optimizer):
+    """The optimizer and the ones it wraps (DeepSpeed's ZeRO/bf16 wrappers keep theirs in ``.optimizer``)."""
+    seen = []
+    while optimizer is not None and optimizer not in seen:
+        seen.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return seen
+
+
+def device_skip_optimizer(optimizer):
+    """The torch optimizer inside ``optimizer`` that honours ``found_inf``, or None."""
+    for opt in _inner_optimizers(optimizer):
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and opt.defaults.get("fused"):
+            return opt
+    return None
+
+
+class NonFiniteGuard:
+    def __init__(self, optimizer, device: torch.device, world: int, total: int = 0):
+        self.world = world
+        self.opt = device_skip_optimizer(optimizer)
+        self.on_device = self.opt is not None
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)        # this step, this rank
+        self.total = torch.full((), total, dtype=torch.int64, device=device)  # bad steps (or micro-batches)
+        self.row = torch.zeros((), dtype=torch.int64, device=device)        # bad in a row, now
+        self.longest = torch.zeros((), dtype=torch.int64, device=device)    # longest row since the last read
+        self._host_total, self._host_row = total, 0
+        if self.on_device:
+            self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+            self.opt.found_inf = self.found_inf
+            log.info("non-finite losses: the step is skipped on the device (%s found_inf)", type(self.opt).__name__)
+        else:
+            names = " > ".join(type(o).__name__ for o in _inner_optimizers(optimizer))
+            log.info("non-finite losses: checked on the host at every micro-step (the optimizer %s has no "
+                     "found_inf; \"torch_adam\": true with \"fused\": true in ds_config's optimizer params "
+                     "skips on the device)", names or "none")
+
+    def skip(self, loss: torch.Tensor) -> bool:
+        """Record one micro-step's loss. True: leave this micro-batch out (host path only)."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.on_device:
+            torch.logical_or(self.bad, bad, out=self.bad)
+            return False
+        flag = bad.to(torch.int64)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():  # the host path's sync
+            self._host_total += 1
+            self._host_row += 1
+            log.warning("non-finite loss: micro-batch skipped (%d in a row)", self._host_row)
+            return True
+        self._host_row = 0
+        return False
+
+    def before_update(self) -> None:
+        """At the accumulation boundary, before the optimizer step: publish the step's flag."""
+        if not self.on_device:
+            return
+        bad = self.bad.to(torch.int64)
+        if self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device collective: no host read
+        self.found_inf.copy_(bad)
+        self.total += bad
+        self.row.mul_(bad).add_(bad)
+        torch.maximum(self.longest, self.row, out=self.longest)
+        self.bad.zero_()
+
+    def counters(self) -> dict:
+        """Device scalars to read with the metrics (``Meter.report`` sums them over ranks)."""
+        if not self.on_device:
+            return {}
+        return {"nonfinite_total": self.total, "nonfinite_row": self.longest}
+
+    def read(self, metrics: dict) -> tuple[int, int]:
+        """(total, longest row since the last read) from a metrics record, or from the host path.
+        Every rank holds the same counts (the flag is all-reduced), so the sum over ranks is divided."""
+        if not self.on_device:
+            metrics["nonfinite_total"] = self._host_total
+            return self._host_total, self._host_row
+        total = int(round(metrics.pop("nonfinite_total") / self.world))
+        row = int(round(metrics.pop("nonfinite_row") / self.world))
+        metrics["nonfinite_total"] = total
+        self.longest.copy_(self.row)
+        return total, row
+
+    def total_now(self) -> int:
+        """The total, read now (at checkpoint time)."""
+        return int(self.total.item()) if self.on_device else self._host_total
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the step.
+
+    ``agreed()`` tells whether any rank was asked, at every step boundary: a
+    host-side all-reduce of one CPU integer on a gloo group (the default
+    group on CPU runs, an extra one next to NCCL), so the device is never
+    read for it."""
+
+    def __init__(self, world: int):
+        self.requested = False
+        self.world = world
+        self.group = None
+        if world > 1:
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once; repeated SIGTERMs
+            signal.signal(signum, signal.SIG_DFL)  # (launchers forward them) are absorbed
+
+    def agreed(self) -> bool:
+        if self.world == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])  # a CPU tensor: never a device read
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.numpy()[0])
