@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import types
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,37 @@ def device_skip_optimizer(optimizer):
         if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and opt.defaults.get("fused"):
             return opt
     return None
+
+
+def _unscale_and_clip_grads_on_device(self, grad_groups_flat, total_norm):
+    """DeepSpeed ZeRO-1/2's ``unscale_and_clip_grads`` with the same arithmetic,
+    minus its host read: DeepSpeed asks ``bool(norm is invalid)`` to swap a
+    non-finite norm for inf; ``torch.where`` does that on the device. (A step
+    with a non-finite norm is skipped anyway: by DeepSpeed's overflow check
+    where that is on, else by the guard's ``found_inf``.)"""
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.:
+        norm = torch.as_tensor(total_norm, dtype=torch.float, device=self.device)
+        clip_norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
+        clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad
+        combined_scale = torch.clamp(clip, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in (grad if isinstance(grad, list) else [grad]):
+            g.data.mul_(1. / combined_scale)
+
+
+def remove_clip_sync(optimizer) -> bool:
+    """Give a DeepSpeed ZeRO-1/2 optimizer the sync-free gradient clipping above."""
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return False
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not hasattr(optimizer, "unscale_and_clip_grads"):
+        return False
+    optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads_on_device, optimizer)
+    return True
 
 
 class NonFiniteGuard:

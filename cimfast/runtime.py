@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cimfast import checkpoint
 from cimfast.config import RunConfig
-from cimfast.guards import NonFiniteGuard, StopRequest
+from cimfast.guards import NonFiniteGuard, StopRequest, remove_clip_sync
 from cimfast.metrics import Meter, MetricsWriter, peak_flops, progress_postfix, read_metrics
 from cimfast.pictures import save_loss_plot
 from cimfast.pipelines.prefetch import DevicePrefetcher
@@ -135,6 +135,7 @@ def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
+    remove_clip_sync(engine.optimizer)
     if run.compile:
         engine.compile()
     return engine

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cimfast.config import Config, RunConfig
-from cimfast.dataloading import build_batches, build_loader, pipeline_candidates
+from cimfast.dataloading import build_batches, build_dataset, pipeline_candidates
 from cimfast.masking import BlockMaskGenerator
 from cimfast.pipelines.datasets import FileListDataset, decode_bytes, decode_pil, list_images, read_file_list
-from cimfast.pipelines.sampler import EpochSampler
+from cimfast.pipelines.sampler import EpochSampler, build_loader
+from cimfast.pipelines.views import as_unit
 from cimfast.pipelines.synthetic import SyntheticBatches
 from cimfast.pipelines.validate import validate
 
@@ -107,8 +108,12 @@ def _run(data_path, pipeline, **kw):
 
 
 def _cfg():
-    # build_batches only needs cfg when it builds the dataset itself
     return Config(preset="tiny").resolve()
+
+
+def _pipe(run, micro, cfg=None):
+    """The tiny preset's batches of ``run``'s data, as the training entry point makes them."""
+    return build_batches(build_dataset(cfg or _cfg(), run), run, micro, 0, "cpu", 0, 1)
 
 
 def _ds(root, seed=0):
@@ -119,7 +124,7 @@ def _batches(kind, root, micro, rank=0, world=1, start=0, n=4, seed=0):
     """n batches of one pipeline over ``root`` (small views, tiny masks)."""
     ds = _ds(root, seed)
     run = _run(root, kind, seed=seed)
-    it = build_batches(None, run, rank, world, micro, start, "cpu", dataset=ds)
+    it = build_batches(ds, run, micro, start, "cpu", rank, world)
     return [next(it) for _ in range(n)]
 
 
@@ -127,7 +132,8 @@ KINDS = ["torch", pytest.param("dali-cpu", marks=needs_dali)]
 
 
 def _color_ids(images):
-    means = images.float().mean(dim=(2, 3)) * 255  # [B, 3]
+    assert images.dtype == torch.uint8  # views stay uint8 until the device
+    means = as_unit(images).mean(dim=(2, 3)) * 255  # [B, 3]
     pal = torch.tensor(PALETTE, dtype=torch.float32)
     d = (means[:, None, :] - pal[None]).abs().amax(-1)
     assert float(d.min(1).values.max()) < 12, "a flat color came out wrong"
@@ -165,9 +171,10 @@ def test_same_seed_same_batches_and_exact_resume(photos, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_both_views_are_one_crop_and_one_flip(photos, kind):
     for b in _batches(kind, photos, 4, n=2):
-        small = F.interpolate(b["images"], size=(TOK, TOK), mode="bilinear", antialias=True, align_corners=False)
-        same = (small - b["images_tok"]).abs().mean(dim=(1, 2, 3))
-        mirrored = (small.flip(-1) - b["images_tok"]).abs().mean(dim=(1, 2, 3))
+        big, tok = as_unit(b["images"]), as_unit(b["images_tok"])
+        small = F.interpolate(big, size=(TOK, TOK), mode="bilinear", antialias=True, align_corners=False)
+        same = (small - tok).abs().mean(dim=(1, 2, 3))
+        mirrored = (small.flip(-1) - tok).abs().mean(dim=(1, 2, 3))
         assert float(same.max()) < 0.02, same
         assert bool((mirrored > 3 * same).all()), (same, mirrored)
 
@@ -182,8 +189,8 @@ def test_dali_and_torch_give_the_same_batches(photos):
             assert x[k].shape == y[k].shape and x[k].dtype == y[k].dtype and x[k].device == y[k].device, k
         assert torch.equal(x["sample_key"], y["sample_key"]) and torch.equal(x["mask"], y["mask"])
         for k in ("images", "images_tok"):
-            assert 0 <= float(y[k].min()) and float(y[k].max()) <= 1
-            diff = (x[k] - y[k]).abs()
+            assert x[k].dtype == torch.uint8
+            diff = (as_unit(x[k]) - as_unit(y[k])).abs()
             # same crop and flip; the decoders and resamplers differ by rounding
             assert float(diff.mean()) < 0.01 and float(diff.max()) < 0.2, (k, float(diff.mean()), float(diff.max()))
 
@@ -226,7 +233,7 @@ def test_validate_command_line(messy, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_short_run_on_messy_data(messy, kind):
     run = _run(messy, kind)
-    it = build_batches(_cfg(), run, 0, 1, 3, 0, "cpu")  # validates, then reads the clean list
+    it = _pipe(run, 3)  # validates, then reads the clean list
     for _ in range(6):  # 7 good files, batch 3: crosses epochs
         b = next(it)
         assert b["images"].shape == (3, 3, 112, 112) and b["mask"].shape == (3, 49)
@@ -256,7 +263,7 @@ def test_dali_recovers_from_a_file_it_cannot_decode(messy, caplog):
         for s in range(steps[0] + 2):
             x, y = next(dali), next(torch_it)
             assert torch.equal(x["sample_key"], y["sample_key"])
-            assert float((x["images"] - y["images"]).abs().mean()) < 0.01, s
+            assert float((as_unit(x["images"]) - as_unit(y["images"])).abs().mean()) < 0.01, s
     assert bad in dali.bad or bad in dali.recode
     assert "truncated.jpg" in caplog.text
 
@@ -278,7 +285,7 @@ def test_synthetic_batches():
     assert not torch.equal(a["mask"], b["mask"])
     assert 0 <= float(a["images"].min()) and float(a["images"].max()) <= 1
     run = _run(None, "synthetic")
-    s = next(build_batches(_cfg(), run, 0, 1, 2, 0, "cpu"))
+    s = next(_pipe(run, 2))
     assert s["images"].shape == (2, 3, 112, 112) and s["mask"].shape == (2, 49)
 
 
@@ -292,9 +299,9 @@ def test_pipeline_choice(caplog, monkeypatch):
     with pytest.raises(ValueError, match="pipeline"):
         pipeline_candidates("fast", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="dali-gpu"):
-        build_batches(_cfg(), _run(None, "dali-gpu"), 0, 1, 2, 0, "cpu")
+        _pipe(_run(None, "dali-gpu"), 2)
     with caplog.at_level(logging.INFO, logger="cimfast"):
-        b = next(build_batches(_cfg(), _run(None, "auto", demo=8), 0, 1, 2, 0, "cpu"))
+        b = next(_pipe(_run(None, "auto", demo=8), 2))
     assert b["images"].shape == (2, 3, 112, 112)
     assert "data pipeline: torch" in caplog.text
 
@@ -303,10 +310,10 @@ def test_pipeline_choice(caplog, monkeypatch):
 def test_demo_data_through_dali_matches_torch():
     """The demo photographs are written once as JPEG files for DALI."""
     cfg = _cfg()
-    d = next(build_batches(cfg, _run(None, "dali-cpu", demo=16), 0, 1, 4, 0, "cpu"))
-    t = next(build_batches(cfg, _run(None, "torch", demo=16), 0, 1, 4, 0, "cpu"))
+    d = next(_pipe(_run(None, "dali-cpu", demo=16), 4, cfg))
+    t = next(_pipe(_run(None, "torch", demo=16), 4, cfg))
     assert torch.equal(d["sample_key"], t["sample_key"]) and torch.equal(d["mask"], t["mask"])
-    assert float((d["images"] - t["images"]).abs().mean()) < 0.02
+    assert float((as_unit(d["images"]) - as_unit(t["images"])).abs().mean()) < 0.02
     assert len(os.listdir(os.path.join(os.environ["CIMFAST_CACHE"], "demo-jpeg-q95", "train"))) >= 10
 
 

@@ -1,0 +1,125 @@
+"""Host syncs per training step: counts every device-to-host read and device
+synchronize the training step makes, between log intervals.
+
+    python benchmarks/sync_count.py --ds_config configs/ds_demo.json --bf16 --steps 6
+    python benchmarks/sync_count.py ... --legacy   # DeepSpeed's defaults: throughput timer, bf16 overflow check
+
+On the CPU the reads are counted where Python makes them: ``Tensor.item``,
+``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``, ``numpy``,
+and ``torch.cuda.synchronize`` / DeepSpeed's accelerator ``synchronize``;
+each is counted with the line that called it. On a GPU, ``--cuda_sync_mode
+error`` makes PyTorch itself raise on any synchronizing CUDA call inside the
+step (``torch.cuda.set_sync_debug_mode``), which also sees reads made inside
+C++ (a boolean mask index, ``nonzero``).
+
+Prints one JSON object: syncs per step (after ``--skip`` warm-up steps) and
+where they came from.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+
+METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+class SyncCounter:
+    def __init__(self):
+        self.active = False
+        self.where = collections.Counter()
+        self.count = 0
+
+    def record(self, what: str) -> None:
+        if not self.active:
+            return
+        self.count += 1
+        frame = traceback.extract_stack(limit=4)[0]
+        self.where[f"{what} at {os.path.relpath(frame.filename)}:{frame.lineno}"] += 1
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            self.record(label)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, wrapped)
+
+    def install(self) -> None:
+        for m in METHODS:
+            self.wrap(torch.Tensor, m, f"Tensor.{m}")
+        self.wrap(torch.cuda, "synchronize", "torch.cuda.synchronize")
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        self.wrap(acc, "synchronize", "accelerator.synchronize")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ds_config", default="configs/ds_demo.json")
+    p.add_argument("--bf16", action="store_true", help="a bf16 engine (the GPU recipes' setting)")
+    p.add_argument("--legacy", action="store_true",
+                   help="DeepSpeed's own defaults: throughput timer on, bf16 overflow check on")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--skip", type=int, default=2, help="warm-up steps not counted")
+    p.add_argument("--cuda_sync_mode", default=None, choices=[None, "warn", "error"])
+    p.add_argument("--out", default=None)
+    a, rest = p.parse_known_args(argv)
+
+    from cimfast import runtime, train
+
+    with open(a.ds_config) as f:
+        ds = json.load(f)
+    ds.setdefault("cimfast", {}).update(max_steps=a.steps, log_interval=a.steps, checkpoint_interval=0,
+                                        image_interval=0, progress=False)
+    ds["bf16"] = {"enabled": bool(a.bf16)}
+    if a.legacy:
+        ds["timers"] = {"throughput": {"enabled": True}}
+        if a.bf16:
+            ds["bf16"]["check_grad_overflow"] = True
+    tmp = tempfile.mkdtemp(prefix="cimfast-syncs-")
+    cfg_path = os.path.join(tmp, "ds.json")
+    with open(cfg_path, "w") as f:
+        json.dump(ds, f)
+
+    counter = SyncCounter()
+    counter.install()
+    per_step = []
+    original_step = runtime.train_step
+
+    def counted_step(*args, **kwargs):
+        counter.count = 0
+        counter.active = len(per_step) >= a.skip
+        if counter.active and a.cuda_sync_mode:
+            torch.cuda.set_sync_debug_mode(a.cuda_sync_mode)
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            if a.cuda_sync_mode:
+                torch.cuda.set_sync_debug_mode("default")
+            per_step.append(counter.count if counter.active else None)
+            counter.active = False
+
+    runtime.train_step = counted_step
+    code = train.main(["--ds_config", cfg_path, "--output_dir", os.path.join(tmp, "out"), *rest])
+    counted = [c for c in per_step if c is not None]
+    result = {"exit_code": code, "bf16": a.bf16, "legacy": a.legacy, "steps_counted": len(counted),
+              "syncs_per_step": (sum(counted) / len(counted)) if counted else None,
+              "max_syncs_in_a_step": max(counted, default=None), "where": dict(counter.where)}
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
