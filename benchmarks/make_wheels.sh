@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Wheels for the GPU machine (it has no package registry): DeepSpeed built as a
-# pure-Python wheel (its ops compile just in time there) and xformers. DALI's
-# CUDA 13 wheel (~199 MB) exceeds what one device call can carry (64 MiB).
+# pure-Python wheel (its ops compile just in time there), xformers, and DALI's
+# CUDA 13 wheel split into parts in wheels_dali/: one device call carries at
+# most 64 MiB, the DALI wheel is ~199 MB. Carry each wheels_dali/part-* in its
+# own call while the machine stays warm (files carried before stay there),
+# then run gpu_check.sh carrying ["wheels", "wheels_dali/name"]; it joins them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p wheels
 DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation "deepspeed==0.19.8" -w wheels
 .venv/bin/python -m pip download -q --no-deps "xformers==0.0.35" -d wheels
-ls -la wheels
+if [ "${WITH_DALI:-1}" = 1 ]; then
+  rm -rf wheels_dali && mkdir -p wheels_dali/dl
+  .venv/bin/python -m pip download -q --no-deps "nvidia-dali-cuda130==2.4.0" -d wheels_dali/dl
+  whl=$(ls wheels_dali/dl/*.whl | head -1)
+  basename "$whl" > wheels_dali/name
+  split -b 60m "$whl" wheels_dali/part-
+  rm -rf wheels_dali/dl
+fi
+ls -la wheels wheels_dali 2>/dev/null

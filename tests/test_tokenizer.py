@@ -136,3 +136,28 @@ def test_fast_path_matches_fp32():
     ids = ref.tokenize(x)
     assert (fast.decode(ids) - ref.decode(ids)).abs().max() < 0.05
     assert fast.decode(ids).dtype == torch.float32
+
+
+def test_fast_path_keeps_input_and_output_convolutions_fp32_and_agrees_on_the_shipped_tokenizer():
+    """OpenAI's DALL-E code keeps the first and last convolutions in fp32; with
+    them in fp32 the shipped tokenizer's bf16 path agrees with fp32 on at least
+    99 % of tokens of held-out photos (all-bf16: 96.8 %), every disagreement a
+    near-tie of the two largest logits."""
+    from cimfast.cim import TINY_TOKENIZER
+    from cimfast.pipelines.datasets import DemoDataset
+    from cimfast.pipelines.views import as_unit
+
+    ref = TF.load_tokenizer(TINY_TOKENIZER)
+    fast = TF.load_tokenizer(TINY_TOKENIZER).fast(torch.bfloat16)
+    for part in (fast.encoder, fast.decoder):
+        assert part.blocks.input.w.dtype == part.blocks.output.conv.w.dtype == torch.float32
+        assert part.blocks.group_1.block_1.res_path.conv_1.w.dtype == torch.bfloat16
+    ds = DemoDataset(56, None, samples=64, split="heldout", seed=1)
+    x = as_unit(torch.stack([ds[(0, i)]["images"] for i in range(64)]))
+    with torch.no_grad():
+        logits = ref.encoder(T.map_pixels(x))
+    got = fast.tokenize(x)
+    diff = got != logits.argmax(1)
+    assert float((~diff).float().mean()) >= 0.99
+    top2 = logits.topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1])[diff].max()) < 0.1  # near-ties only
