@@ -69,7 +69,7 @@ log "sync count exit $?: $(tail -c 300 "$OUT/syncs.json" 2>/dev/null | tr -d '\n
 
 # 4. GPU tests: kernels compiled (not interpreted), attention backends, the CIM step
 log "tests"
-CIMFAST_KERNELS=triton timeout 60 $PY -m pytest -q -x tests/test_kernels_sampling.py tests/test_kernels_pixel_loss.py \
+CIMFAST_KERNELS=triton timeout 60 $PY -m pytest -q -x tests/test_sampling.py tests/test_pixel_loss.py \
   tests/test_models.py tests/test_tokenizer.py -p no:cacheprovider > "$OUT/tests.txt" 2>&1
 log "tests exit $? ($(tail -1 "$OUT/tests.txt"))"
 
