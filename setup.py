@@ -6,6 +6,11 @@ setup(
     description="Fast Corrupted Image Modeling (CIM) self-supervised pre-training",
     python_requires=">=3.10",
     packages=["cimfast", "cimfast.models", "cimfast.kernels", "cimfast.pipelines"],
+    # kernels/ and pipelines/ sit at the top of the repository (each can be tested and
+    # benchmarked alone) but install inside the package, as cimfast.kernels and
+    # cimfast.pipelines: nothing named `kernels` or `pipelines` lands at the top of a
+    # user's site-packages (a PyPI package named `kernels` exists). Code imports them as
+    # `from cimfast.kernels import ...`; an editable install (pip install -e .) maps them.
     package_dir={"cimfast": "cimfast", "cimfast.kernels": "kernels", "cimfast.pipelines": "pipelines"},
     package_data={"cimfast": ["assets/*.safetensors"]},
     install_requires=[

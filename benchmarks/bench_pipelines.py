@@ -6,7 +6,7 @@ with the same batch, output sizes, masks and thread count, in one run.
     pytest benchmarks/bench_pipelines.py -s        # a shorter run of the same
 
 Each pipeline makes exactly what training consumes: the enhancer view and the
-tokenizer view of one crop (float CHW in [0, 1]), the sampling key and the
+tokenizer view of one crop (uint8 CHW; the old PIL path's baseline: float), the sampling key and the
 blockwise mask (``--no-masks``: without masks). Images per second are
 measured after a warm-up; the ratios to torch+PIL are printed.
 """
@@ -20,18 +20,25 @@ import tempfile
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
 
 if __name__ == "__main__" and not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cimfast.masking import BlockMaskGenerator  # noqa: E402
+from cimfast.pipelines.dali import DaliBatches  # noqa: E402
+from cimfast.pipelines.datasets import FileListDataset  # noqa: E402
+from cimfast.pipelines.demo import demo_images  # noqa: E402
+from cimfast.pipelines.sampler import EpochSampler  # noqa: E402
+from cimfast.pipelines.views import sample_crop, sample_key, sample_mask  # noqa: E402
 
 
 def make_jpegs(folder: str, n: int = 500, seed: int = 0, lo: int = 300, hi: int = 500) -> list[str]:
     """``n`` JPEG files of real photographs (random crops of the demo photos,
     resized so each side is in [lo, hi] pixels), written once."""
-    from PIL import Image
-
-    from cimfast.pipelines.demo import demo_images
-
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, f"{i:05d}.jpg") for i in range(n)]
     if all(os.path.isfile(p) for p in paths):
@@ -61,12 +68,6 @@ class LegacyPILDataset:
         return len(self.files)
 
     def __getitem__(self, item):
-        import torch
-        import torch.nn.functional as F
-        from PIL import Image
-
-        from cimfast.pipelines.views import sample_crop, sample_key, sample_mask
-
         epoch, index = item
         with Image.open(self.files[index]) as im:
             img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
@@ -91,11 +92,6 @@ PIPELINES = {
 
 
 def _iterator(name, files, batch, threads, size, tok_size, mask_fn):
-    from torch.utils.data import DataLoader
-
-    from cimfast.pipelines.datasets import FileListDataset
-    from cimfast.pipelines.sampler import EpochSampler
-
     if name.startswith("torch"):
         if name == "torch-pil":
             ds = LegacyPILDataset(files, size, tok_size, seed=0, mask_fn=mask_fn)
@@ -106,15 +102,11 @@ def _iterator(name, files, batch, threads, size, tok_size, mask_fn):
                             prefetch_factor=4, persistent_workers=True, worker_init_fn=_one_thread)
         return iter(loader)
     if name == "dali-cpu":
-        from cimfast.pipelines.dali import DaliBatches
-
         return DaliBatches(files, size, tok_size, batch, seed=0, mask_fn=mask_fn, threads=threads, py_workers=0)
     raise ValueError(f"unknown pipeline {name}; known: {', '.join(PIPELINES)}")
 
 
 def _one_thread(_):
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -123,10 +115,6 @@ def bench(files: list[str], batch: int = 64, threads: int = 2, batches: int = 20
     """Images per second of each pipeline: the median of ``rounds`` rounds,
     the pipelines taking turns (a fresh iterator per round, timed after
     ``warmup`` batches), so that a change of the machine's load hits all alike."""
-    import torch
-
-    from cimfast.masking import BlockMaskGenerator
-
     torch.set_num_threads(1)  # the main process only collects batches
     mask_fn = BlockMaskGenerator(size // 16, 75 if size >= 224 else 20, 16 if size >= 224 else 4) if masks else None
     rates = {n: [] for n in which}

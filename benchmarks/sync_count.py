@@ -27,6 +27,8 @@ import traceback
 
 import torch
 
+from cimfast import runtime, train
+
 METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
 
@@ -73,8 +75,6 @@ def main(argv=None) -> int:
     p.add_argument("--cuda_sync_mode", default=None, choices=[None, "warn", "error"])
     p.add_argument("--out", default=None)
     a, rest = p.parse_known_args(argv)
-
-    from cimfast import runtime, train
 
     with open(a.ds_config) as f:
         ds = json.load(f)

@@ -2,7 +2,13 @@
 (``deepspeed cimfast/train.py``): Python then puts ``cimfast/`` itself first
 on ``sys.path``, where module names like ``config`` or ``metrics`` could
 shadow other packages. Take that folder off the path and make sure the
-``cimfast`` package (installed, or this checkout) is importable instead."""
+``cimfast`` package is importable instead.
+
+cimfast must be installed (``pip install -e .`` in a checkout, as
+scripts/install.sh does): ``cimfast.kernels`` and ``cimfast.pipelines`` live
+in the top-level ``kernels/`` and ``pipelines/`` folders and only the
+install maps them into the package. The fallback below (the checkout's
+parent folder on the path) finds ``cimfast`` itself but not those two."""
 import os
 import sys
 

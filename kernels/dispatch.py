@@ -1,6 +1,6 @@
 """The one dispatch point between the Triton kernels and their PyTorch references.
 
-Rule (DESIGN.md §3): on CUDA tensors with Triton importable, the kernel;
+Rule: on CUDA tensors with Triton importable, the kernel;
 otherwise the reference. ``CIMFAST_KERNELS=reference|triton`` forces a choice
 for debugging. Forcing ``triton`` on CPU tensors only works under Triton's
 interpreter (``TRITON_INTERPRET=1`` set before triton is first imported),

@@ -43,6 +43,7 @@ import os
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, TwoViewDataset
 from cimfast.pipelines.demo import demo_jpeg_files
@@ -408,8 +409,6 @@ def dali_batches(name: str, dataset, rank: int, world: int, micro: int, start: i
                  cache_dir: Optional[str], threads: int, py_workers: int, torch_batches: Callable):
     """(batches, description) of the ``dali-gpu`` or ``dali-cpu`` pipeline over
     ``dataset``'s files; raises RuntimeError naming why it cannot run here."""
-    import torch
-
     err = dali_import_error()
     if err:
         raise RuntimeError(f"nvidia-dali does not import ({err}); pip install nvidia-dali-cuda130 "

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cimfast.pipelines.demo import demo_images
 from cimfast.pipelines.views import sample_crop, sample_key, sample_mask, two_views
 
 log = logging.getLogger("cimfast")
@@ -57,8 +58,6 @@ class DemoDataset(TwoViewDataset):
 
     def __init__(self, size: int, tok_size: int, samples: int = 1024, split: str = "train", **kw):
         super().__init__(size, tok_size, **kw)
-        from cimfast.pipelines.demo import demo_images
-
         self.images = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in demo_images(split)]
         self.samples, self.split = samples, split
 

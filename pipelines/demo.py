@@ -49,12 +49,18 @@ def demo_images(split: str = "train") -> tuple[np.ndarray, ...]:
     return tuple(imgs)
 
 
+def default_cache_dir() -> str:
+    """``$CIMFAST_CACHE``, else ``$XDG_CACHE_HOME/cimfast``, else ``~/.cache/cimfast``."""
+    if os.environ.get("CIMFAST_CACHE"):
+        return os.environ["CIMFAST_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cimfast")
+
+
 def demo_jpeg_files(split: str = "train", cache_dir: Optional[str] = None, quality: int = 95) -> tuple[list, list]:
     """The demo photographs written once as JPEG files (for readers that need
     files): (paths, (height, width, "JPEG") per path)."""
     from PIL import Image
-
-    from cimfast.pipelines.validate import default_cache_dir
 
     folder = os.path.join(cache_dir or default_cache_dir(), f"demo-jpeg-q{quality}", split)
     os.makedirs(folder, exist_ok=True)

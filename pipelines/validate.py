@@ -34,6 +34,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cimfast.pipelines.datasets import list_images
+from cimfast.pipelines.demo import default_cache_dir
+
 log = logging.getLogger("cimfast")
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 10,000 x 10,000: ImageNet's largest is about 12 M
@@ -41,14 +44,6 @@ CACHE_VERSION = 1
 # PIL format names of the files DALI's decoders read (others are transcoded by the DALI source)
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 BAD_STATUSES = ("empty", "truncated", "corrupt", "not_image", "too_large", "unreadable")
-
-
-def default_cache_dir() -> str:
-    """``$CIMFAST_CACHE``, else ``$XDG_CACHE_HOME/cimfast``, else ``~/.cache/cimfast``."""
-    if os.environ.get("CIMFAST_CACHE"):
-        return os.environ["CIMFAST_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cimfast")
 
 
 def check_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple:
@@ -142,8 +137,6 @@ def validate(root: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Optiona
     """Check every image of ``root`` (folder or file list); write the clean list
     (``out``, default ``<cache_dir>/<name>-<hash>.clean.txt``) and a summary
     JSON beside it. Results are cached per file by (path, size, mtime)."""
-    from cimfast.pipelines.datasets import list_images
-
     t0 = time.perf_counter()
     files = [os.path.abspath(p) for p in list_images(root)]
     cache_dir = cache_dir or default_cache_dir()

@@ -4,7 +4,7 @@ implementations (reference and fused kernel), and the kernel against the
 reference.
 
 Without a GPU the kernels run in Triton's interpreter, switched on here before
-triton is first imported (see tests/test_kernels_sampling.py for the caveat).
+triton is first imported (see tests/test_sampling.py for the caveat).
 Shapes stay tiny: the interpreter runs one program after another.
 """
 import os
