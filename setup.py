@@ -30,7 +30,7 @@ setup(
         "dali-cuda13": ["nvidia-dali-cuda130>=1.50"],
         "dali-cuda12": ["nvidia-dali-cuda120>=1.40"],
         "xformers": ["xformers>=0.0.28"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "timm>=0.9", "torchvision>=0.19", "scikit-learn>=1.2"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "timm>=0.9", "torchvision>=0.19", "scikit-learn>=1.2", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["cimfast-train=cimfast.train:main", "cimfast-export=cimfast.export:main"]},
 )

@@ -18,6 +18,7 @@ for the device path.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import types
 
@@ -148,13 +149,36 @@ class NonFiniteGuard:
         return int(self.total.item()) if self.on_device else self._host_total
 
 
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def deepspeed_launcher() -> tuple[int, int] | None:
+    """(pid of DeepSpeed's per-node launcher, pid of its parent: the ``deepspeed``
+    command) when this process was started by it (Linux), else None."""
+    try:
+        pid = os.getppid()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"deepspeed.launcher.launch" not in f.read():
+                return None
+        return pid, _parent_of(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the step.
 
     ``agreed()`` tells whether any rank was asked, at every step boundary: a
     host-side all-reduce of one CPU integer on a gloo group (the default
     group on CPU runs, an extra one next to NCCL), so the device is never
-    read for it."""
+    read for it.
+
+    A ``deepspeed`` command killed on its own (``kill PID``) does not pass the
+    signal on: its per-node launcher and the ranks would train on as orphans.
+    A rank started by that launcher therefore also stops when the launcher's
+    parent is gone (one read of /proc per step)."""
 
     def __init__(self, world: int):
         self.requested = False
@@ -162,8 +186,22 @@ class StopRequest:
         self.group = None
         if world > 1:
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.launcher = deepspeed_launcher()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+
+    def _launcher_orphaned(self) -> bool:
+        if self.launcher is None:
+            return False
+        pid, parent = self.launcher
+        try:
+            gone = _parent_of(pid) != parent
+        except (OSError, ValueError, IndexError):
+            gone = True
+        if gone:
+            log.warning("the deepspeed command that started this run is gone: stopping with a checkpoint")
+            self.launcher = None
+        return gone
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -171,6 +209,8 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)  # (launchers forward them) are absorbed
 
     def agreed(self) -> bool:
+        if self._launcher_orphaned():
+            self.requested = True
         if self.world == 1:
             return self.requested
         flag = torch.tensor([int(self.requested)])  # a CPU tensor: never a device read

@@ -3,6 +3,7 @@ global batches, each rank taking its slice. Resume starts at a global sample
 position; the same global batch on 1 or N ranks covers the same samples."""
 from __future__ import annotations
 
+import signal
 from typing import Optional
 
 import numpy as np
@@ -55,10 +56,19 @@ class EpochSampler(Sampler):
         return self.steps_per_epoch * self.b
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM. Ctrl-C reaches the whole
+    process group and launchers signal the whole process tree; a worker that
+    died of it would take its rank down mid-step. The rank decides when to
+    stop (after its step and checkpoint) and then shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(dataset, micro_batch: int, rank: int, world: int, seed: int, start_micro_step: int,
                  num_workers: int, pin_memory: bool) -> DataLoader:
     """Endless loader of this rank's micro-batches, starting at a global micro-step."""
     sampler = EpochSampler(len(dataset), micro_batch, rank, world, seed=seed, start_step=start_micro_step)
     return DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True,
+                      pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_stop_signals,
                       prefetch_factor=4 if num_workers else None, persistent_workers=num_workers > 0)
