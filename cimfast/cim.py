@@ -27,7 +27,7 @@ from cimfast.models.resnet import ResNetEnhancer
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer, unpatchify
 from cimfast.pipelines.views import as_unit
 from cimfast.tokenizer import Tokenizer
-from cimfast.tokenizer_files import OFFICIAL_HINT, load_tokenizer
+from cimfast.tokenizer_files import TokenizerFileError, load_tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,4 +182,4 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
         return load_tokenizer(cfg.tokenizer_path, cfg.encoder_sha256, cfg.decoder_sha256)
     if cfg.tokenizer == "tiny":
         return load_tokenizer(TINY_TOKENIZER)
-    raise FileNotFoundError(f"preset {cfg.preset!r} needs the DALL-E tokenizer: --tokenizer_path is not set. {OFFICIAL_HINT}")
+    raise TokenizerFileError(f"preset {cfg.preset!r} needs the DALL-E tokenizer: --tokenizer_path is not set")

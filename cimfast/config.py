@@ -16,7 +16,13 @@ OBJECTIVES = ("respix", "revdet")
 PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A mistake in what the user gave (settings, paths, files, ports): the
+    entry points print it as one line and exit with code 2 (``--debug`` shows
+    the traceback). Tracebacks are for bugs."""
+
+
+class ConfigError(InputError):
     pass
 
 
@@ -179,6 +185,9 @@ class RunConfig:
     pin_memory: typing.Optional[bool] = field(default=None, metadata={
         "help": "pinned host memory in the DataLoader for asynchronous copies (default: on with CUDA)"})
     progress: bool = field(default=True, metadata={"help": "show the progress bar on rank 0"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start over in an output_dir that holds checkpoints (they and the metrics are removed)"})
+    debug: bool = field(default=False, metadata={"help": "show the traceback of input errors too"})
 
     def validate(self) -> None:
         need = functools.partial(require, self)

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from cimfast.config import PIPELINES, Config, RunConfig
+from cimfast.config import PIPELINES, Config, InputError, RunConfig
 from cimfast.masking import BlockMaskGenerator
 from cimfast.pipelines.dali import dali_batches
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images, read_file_list
@@ -54,18 +54,21 @@ def data_files(run: RunConfig) -> tuple[list, Optional[list]]:
     """The usable files of ``run.data_path`` and their (height, width, format):
     validated (cached by path, size and mtime of every file) unless the
     ``validate_data`` setting is off."""
-    if not run.validate_data:
-        if os.path.isfile(run.data_path):
-            files, info = read_file_list(run.data_path)
-        else:
-            files, info = list_images(run.data_path), None
-        log.info("data: %d images from %s (not validated)", len(files), run.data_path)
-        return files, info
-    v = validate(run.data_path, max_pixels=run.max_image_pixels or DEFAULT_MAX_PIXELS, cache_dir=run.cache_dir)
+    try:
+        if not run.validate_data:
+            if os.path.isfile(run.data_path):
+                files, info = read_file_list(run.data_path)
+            else:
+                files, info = list_images(run.data_path), None
+            log.info("data: %d images from %s (not validated)", len(files), run.data_path)
+            return files, info
+        v = validate(run.data_path, max_pixels=run.max_image_pixels or DEFAULT_MAX_PIXELS, cache_dir=run.cache_dir)
+    except FileNotFoundError as e:  # no images under the path, a file list naming missing files
+        raise InputError(f"{e}: pass --data_path with a folder of images or a file list") from None
     s = v.summary
     if not v.files:
-        raise FileNotFoundError(f"data path {run.data_path}: none of its {s['total']} images is usable "
-                                f"(see {os.path.splitext(v.clean_list)[0]}.summary.json)")
+        raise InputError(f"data path {run.data_path}: none of its {s['total']} images is usable "
+                         f"(see {os.path.splitext(v.clean_list)[0]}.summary.json)")
     left = {k: s[k] for k in ("empty", "truncated", "corrupt", "not_image", "too_large", "unreadable") if s[k]}
     log.info("data: %d images from %s (validated: %d checked, %d cached; clean list %s)", len(v.files),
              run.data_path, s["checked"], s["cached"], v.clean_list)

@@ -21,11 +21,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cimfast import checkpoint
-from cimfast.config import RunConfig
+from cimfast.config import InputError, RunConfig
 from cimfast.guards import NonFiniteGuard, StopRequest, remove_clip_sync
 from cimfast.metrics import Meter, MetricsWriter, peak_flops, progress_postfix, read_metrics
 from cimfast.pictures import save_loss_plot
 from cimfast.pipelines.prefetch import DevicePrefetcher
+from cimfast.preflight import check_port
 
 log = logging.getLogger("cimfast")
 
@@ -70,7 +71,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    check_port()
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    except Exception as e:  # the store's port taken between the check and now, or by another host
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise InputError(f"port {os.environ.get('MASTER_PORT')} (MASTER_PORT) is in use: pass a free one "
+                             "with --master_port to the launcher") from None
+        raise
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -108,13 +116,10 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
 
 
 def resolve_resume(run: RunConfig) -> Optional[str]:
+    """The checkpoint to continue from (``check_run`` has vetted the setting)."""
     if run.resume == "auto":
         return checkpoint.latest_checkpoint(run.output_dir)
-    if run.resume:
-        if not os.path.isfile(os.path.join(run.resume, checkpoint.STATE_FILE)):
-            raise SystemExit(f"cimfast: --resume {run.resume} is not a finished checkpoint folder")
-        return run.resume
-    return None
+    return run.resume or None
 
 
 @dataclass

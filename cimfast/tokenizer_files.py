@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
+from cimfast.config import InputError
 from cimfast.tokenizer import Tokenizer, spec_from_state_dicts
 
 OFFICIAL_HINT = (
@@ -30,8 +31,14 @@ OFFICIAL_HINT = (
 # --------------------------------------------------------------------------
 # Loading: official pickles (restricted), safetensors (ours)
 # --------------------------------------------------------------------------
-class NotATokenizerError(RuntimeError):
-    pass
+class TokenizerFileError(InputError):
+    """Every problem with tokenizer files: one type, and always the same hint."""
+
+    def __init__(self, msg: str):
+        super().__init__(f"{msg}. {OFFICIAL_HINT}")
+
+
+NotATokenizerError = TokenizerFileError
 
 
 # Classes a DALL-E pickle may name, mapped to what rebuilds them here. The
@@ -62,14 +69,17 @@ for _mod, _names in {"dall_e.encoder": ("Encoder", "EncoderBlock"),
         _ALLOWED[(_mod, _n)] = type(_n, (_Stub,), {"__module__": "cimfast.tokenizer._stubs"})
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise NotATokenizerError(
-                f"refused to load {module}.{name}: the file is not a DALL-E tokenizer "
-                "(it names a class or function a tokenizer file never holds)") from None
+            raise _Refused(f"refused to load {module}.{name}: the file is not a DALL-E tokenizer "
+                           "(it names a class or function a tokenizer file never holds)") from None
 
 
 class _RestrictedPickleModule:
@@ -91,24 +101,28 @@ def sha256_of(path: str) -> str:
 def load_official_pickle(path: str, expected_sha256: str | None = None) -> dict:
     """State dict of an official-format ``encoder.pkl``/``decoder.pkl``, loaded safely."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path} does not exist. {OFFICIAL_HINT}")
-    digest = sha256_of(path)
-    if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise NotATokenizerError(
-            f"SHA-256 of {path} is {digest}, expected {expected_sha256}: the file is "
-            f"damaged or not the one pinned. {OFFICIAL_HINT}")
+        raise TokenizerFileError(f"tokenizer file {path} does not exist")
+    check_pin(path, sha256_of(path), expected_sha256)
     try:
-        obj = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule,
-                         weights_only=False)
-    except NotATokenizerError as e:
-        raise NotATokenizerError(f"{path}: {e}") from None
+        obj = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
+    except _Refused as e:
+        raise TokenizerFileError(f"{path}: {e}") from None
     except Exception as e:  # truncated, not a torch file, ...
-        raise NotATokenizerError(
-            f"{path} could not be read as a DALL-E tokenizer ({type(e).__name__}: {e}). "
-            f"{OFFICIAL_HINT}") from None
+        raise TokenizerFileError(f"{path} could not be read as a DALL-E tokenizer ({type(e).__name__}: {e})") from None
     if not isinstance(obj, nn.Module):
-        raise NotATokenizerError(f"{path} holds a {type(obj).__name__}, not a tokenizer module. {OFFICIAL_HINT}")
+        raise TokenizerFileError(f"{path} holds a {type(obj).__name__}, not a tokenizer module")
     return {k: v.detach().float().contiguous() for k, v in obj.state_dict().items()}
+
+
+def check_pin(path: str, digest: str | None, pinned: str | None) -> None:
+    if pinned is None:
+        return
+    if digest is None:
+        raise TokenizerFileError(f"cannot check the pinned SHA-256 of {path}: the file records none "
+                                 "(pin the pickles it was converted from, or unset the pin)")
+    if digest != pinned.lower():
+        raise TokenizerFileError(f"SHA-256 of {path} is {digest}, pinned {pinned}: the file is damaged, "
+                                 "changed or not the one pinned")
 
 
 def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) -> None:
@@ -126,54 +140,103 @@ def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) ->
     os.replace(tmp, path)
 
 
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:
+        raise TokenizerFileError(f"{path} could not be read as a tokenizer ({type(e).__name__}: {e})") from None
+
+
 def load_safetensors(path: str) -> Tokenizer:
-    from safetensors.torch import load_file
-
-    return tokenizer_from_state_dict(load_file(path))
+    return tokenizer_from_state_dict(_read_safetensors(path)[0], path)
 
 
-def tokenizer_from_state_dict(sd: dict) -> Tokenizer:
+def tokenizer_from_state_dict(sd: dict, source: str = "the state dict") -> Tokenizer:
     """A Tokenizer from ``encoder.*``/``decoder.*`` weights (its sizes read from their shapes)."""
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
-    return _build(enc, dec)
+    return _build(enc, dec, source, source)
 
 
-def _build(enc: dict, dec: dict) -> Tokenizer:
-    tok = Tokenizer(spec_from_state_dicts(enc, dec))
-    tok.encoder.load_state_dict(enc, strict=True)
-    tok.decoder.load_state_dict(dec, strict=True)
+def _looks_like(sd: dict) -> str:
+    """'encoder', 'decoder' or '?' from the first convolution's input channels."""
+    w = sd.get("blocks.input.w")
+    if w is None or w.dim() != 4:
+        return "?"
+    return "encoder" if w.shape[1] == 3 else "decoder"
+
+
+def _build(enc: dict, dec: dict, enc_src: str, dec_src: str) -> Tokenizer:
+    if _looks_like(enc) == "decoder" and _looks_like(dec) == "encoder":
+        raise TokenizerFileError(f"{enc_src} holds a decoder and {dec_src} an encoder: the two files are swapped")
+    for sd, src, part in ((enc, enc_src, "encoder"), (dec, dec_src, "decoder")):
+        if _looks_like(sd) != part:
+            raise TokenizerFileError(f"{src} does not hold a DALL-E {part} (no {part} input convolution)")
+    try:
+        tok = Tokenizer(spec_from_state_dicts(enc, dec))
+        tok.encoder.load_state_dict(enc, strict=True)
+        tok.decoder.load_state_dict(dec, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise TokenizerFileError(f"{enc_src} / {dec_src} do not match the DALL-E architecture ({first})") from None
     return tok
+
+
+def _stamp(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _digest(path: str, meta: dict, key: str) -> str:
+    """SHA-256 of a pickle: the one the cache recorded when size and mtime are unchanged, else computed."""
+    if meta.get(f"{key}_stamp") == _stamp(path) and meta.get(f"{key}_sha256"):
+        return meta[f"{key}_sha256"]
+    return sha256_of(path)
 
 
 def load_tokenizer(path: str, encoder_sha256: str | None = None,
                    decoder_sha256: str | None = None) -> Tokenizer:
     """Load a tokenizer from a ``.safetensors`` file or a folder.
 
-    A folder holds either ``tokenizer.safetensors`` or the official
-    ``encoder.pkl`` + ``decoder.pkl``; the pickles are read once with the
-    restricted unpickler and converted to ``tokenizer.safetensors`` beside them
-    (or, if the folder is read-only, nowhere: they are then read every time).
+    A folder holds the official ``encoder.pkl`` + ``decoder.pkl`` (read with
+    the restricted unpickler and converted once to ``tokenizer.safetensors``
+    beside them, which records their SHA-256, size and mtime) or only a
+    ``tokenizer.safetensors``. The cache is used only while it matches the
+    pickles beside it: a changed pickle (size or mtime first, then its
+    SHA-256) is read again and the cache re-derived. Pinned SHA-256 values
+    are always checked: against the pickles, or against the values a
+    ``.safetensors`` records of the pickles it was converted from.
     """
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file {path} does not exist. {OFFICIAL_HINT}")
-        return load_safetensors(path)
+            raise TokenizerFileError(f"tokenizer file {path} does not exist")
+        sd, meta = _read_safetensors(path)
+        check_pin(path, meta.get("encoder_sha256"), encoder_sha256)
+        check_pin(path, meta.get("decoder_sha256"), decoder_sha256)
+        return tokenizer_from_state_dict(sd, path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer path {path} is neither a folder nor a .safetensors file. {OFFICIAL_HINT}")
+        raise TokenizerFileError(f"tokenizer path {path} is neither a folder nor a .safetensors file")
     cached = os.path.join(path, "tokenizer.safetensors")
     enc_p, dec_p = os.path.join(path, "encoder.pkl"), os.path.join(path, "decoder.pkl")
     have_pkl = os.path.isfile(enc_p) and os.path.isfile(dec_p)
-    if os.path.isfile(cached) and not (have_pkl and (encoder_sha256 or decoder_sha256)):
-        return load_safetensors(cached)
     if not have_pkl:
+        if os.path.isfile(cached):
+            return load_tokenizer(cached, encoder_sha256, decoder_sha256)
         missing = [p for p in (enc_p, dec_p) if not os.path.isfile(p)]
-        raise FileNotFoundError(f"tokenizer files missing: {', '.join(missing)}. {OFFICIAL_HINT}")
-    enc = load_official_pickle(enc_p, encoder_sha256)
-    dec = load_official_pickle(dec_p, decoder_sha256)
-    tok = _build(enc, dec)
+        raise TokenizerFileError(f"tokenizer files missing: {', '.join(missing)}")
+    sd, meta = _read_safetensors(cached) if os.path.isfile(cached) else ({}, {})
+    digests = {"encoder": _digest(enc_p, meta, "encoder"), "decoder": _digest(dec_p, meta, "decoder")}
+    check_pin(enc_p, digests["encoder"], encoder_sha256)
+    check_pin(dec_p, digests["decoder"], decoder_sha256)
+    if sd and all(meta.get(f"{k}_sha256") == d for k, d in digests.items()):
+        return tokenizer_from_state_dict(sd, cached)
+    tok = _build(load_official_pickle(enc_p), load_official_pickle(dec_p), enc_p, dec_p)
     try:
-        save_safetensors(tok, cached, {"encoder_sha256": sha256_of(enc_p), "decoder_sha256": sha256_of(dec_p)})
+        save_safetensors(tok, cached, {"encoder_sha256": digests["encoder"], "decoder_sha256": digests["decoder"],
+                                       "encoder_stamp": _stamp(enc_p), "decoder_stamp": _stamp(dec_p)})
     except OSError:
         pass
     return tok

@@ -28,10 +28,11 @@ import torch.nn as nn
 
 from cimfast.checkpoint import latest_checkpoint
 from cimfast.cli import parse
-from cimfast.config import ConfigError, RunConfig, require
+from cimfast.config import RunConfig, require
 from cimfast.dataloading import build_batches, build_image_dataset
 from cimfast.dvae import beta_at, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.export import full_state_dict
+from cimfast.preflight import check_run, guarded
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
 from cimfast.pipelines.views import as_unit
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
@@ -132,14 +133,15 @@ GROUPS = (("tokenizer", TokenizerConfig), ("run", RunConfig))
 
 def main(argv=None) -> int:
     setup_logging()
-    try:
-        tcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.tokenizer_train",
-                                           what="Train a DALL-E-architecture tokenizer (dVAE).",
-                                           default_config="ds_tokenizer_demo.json")
-    except ConfigError as e:
-        print(f"cimfast: configuration error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: train_tokenizer(argv), argv)
+
+
+def train_tokenizer(argv) -> int:
+    tcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.tokenizer_train",
+                                       what="Train a DALL-E-architecture tokenizer (dVAE).",
+                                       default_config="ds_tokenizer_demo.json")
     fill_auto(ds_cfg, run)
+    check_run(run)
     rank, world, device = init_distributed()
     job, heldout = setup(tcfg, run, ds_cfg, rank, world, device)
     code = run_job(job, run, ds_cfg, rank, world, device)

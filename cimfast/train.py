@@ -19,11 +19,12 @@ import torch
 
 from cimfast.cim import CIMModel, build_tokenizer
 from cimfast.cli import parse
-from cimfast.config import Config, ConfigError, RunConfig
+from cimfast.config import Config, RunConfig
 from cimfast.dataloading import build_batches, build_dataset, fixed_batch
 from cimfast.metrics import count_step_flops
 from cimfast.models.attention import probe
 from cimfast.pictures import save_grid
+from cimfast.preflight import check_run, guarded
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
                              setup_logging, write_config)
 from cimfast.tokenizer import Tokenizer
@@ -31,29 +32,32 @@ from cimfast.tokenizer import Tokenizer
 
 def main(argv=None) -> int:
     setup_logging()
-    try:
-        cfg, run, ds_cfg, ds_path = parse(argv)
-    except ConfigError as e:
-        print(f"cimfast: configuration error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: pretrain(argv), argv)
+
+
+def pretrain(argv) -> int:
+    cfg, run, ds_cfg, ds_path = parse(argv)
     fill_auto(ds_cfg, run)
+    check_run(run)  # every input error before DeepSpeed starts and before anything is written
+    tokenizer = build_tokenizer(cfg)
     rank, world, device = init_distributed()
-    code = run_job(setup(cfg, run, ds_cfg, ds_path, rank, world, device), run, ds_cfg, rank, world, device)
+    code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, rank, world, device), run, ds_cfg, rank, world,
+                   device)
     finish()
     return code
 
 
-def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, rank: int, world: int,
+def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: Tokenizer, rank: int, world: int,
           device: torch.device) -> Job:
     """Everything the loop trains, built in one order and placed on ``device``
-    in one place: data, then tokenizer and model on the CPU, FLOPs counted on
-    the meta device, then both moved together, then the device-only set-up."""
+    in one place: data, then the model on the CPU beside the (CPU) tokenizer,
+    FLOPs counted on the meta device, then both moved together, then the
+    device-only set-up."""
     resolve_cuda_defaults(run, device)
     settings = {**asdict(cfg), **asdict(run)}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})
     dataset = build_dataset(cfg, run)  # a bad data path fails before anything is built
     shown = fixed_batch(dataset, 8)
-    tokenizer = build_tokenizer(cfg)
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     model = CIMModel(cfg, tokenizer)
     flops = count_step_flops(lambda: CIMModel(cfg, Tokenizer(tokenizer.spec)), shown)

@@ -5,6 +5,7 @@ from cimfast.cim import CIMModel, build_tokenizer
 from cimfast.config import Config, ConfigError, from_dict
 from cimfast.masking import BlockMaskGenerator
 from cimfast.pipelines.datasets import DemoDataset
+from cimfast.tokenizer_files import TokenizerFileError
 
 
 def _setup(preset="tiny", objective="respix", **kw):
@@ -104,7 +105,7 @@ def test_config_errors_name_the_key():
 
 def test_dalle_preset_without_tokenizer_says_what_to_download():
     cfg = Config(preset="base").resolve()
-    with pytest.raises(FileNotFoundError, match="encoder.pkl and decoder.pkl"):
+    with pytest.raises(TokenizerFileError, match="encoder.pkl and decoder.pkl"):
         build_tokenizer(cfg)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from cimfast import tokenizer as T
 from cimfast import tokenizer_files as TF
-from tests.dalle_format import write_official
+from tests.dalle_format import to_official, write_official
 
 SPEC = T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=1, vocab_size=64)
 
@@ -114,9 +114,9 @@ def test_safetensors_roundtrip(tmp_path):
 
 
 def test_missing_files_say_what_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="encoder.pkl and decoder.pkl"):
+    with pytest.raises(TF.TokenizerFileError, match="encoder.pkl and decoder.pkl"):
         TF.load_tokenizer(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(TF.TokenizerFileError, match="does not exist"):
         TF.load_tokenizer(str(tmp_path / "nope.safetensors"))
     (tmp_path / "encoder.pkl").write_bytes(b"not a pickle at all")
     (tmp_path / "decoder.pkl").write_bytes(b"")
@@ -161,3 +161,73 @@ def test_fast_path_keeps_input_and_output_convolutions_fp32_and_agrees_on_the_sh
     assert float((~diff).float().mean()) >= 0.99
     top2 = logits.topk(2, dim=1).values
     assert float((top2[:, 0] - top2[:, 1])[diff].max()) < 0.1  # near-ties only
+
+
+def _tamper(path, payload="import os; open(os.environ['CIMFAST_TAMPER_MARK'], 'w').write('ran')"):
+    """A pickle that runs code when loaded with a plain unpickler."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (payload,))
+    with open(path, "wb") as f:
+        pickle.dump(Evil(), f)
+
+
+def test_changed_pickle_is_read_again_not_trusted_from_the_cache(tmp_path, monkeypatch):
+    write_official(SPEC, tmp_path, seed=0)
+    first = TF.load_tokenizer(str(tmp_path))  # converts once
+    cache = tmp_path / "tokenizer.safetensors"
+    assert cache.is_file()
+    again = TF.load_tokenizer(str(tmp_path))  # from the cache: same weights
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    # new weights in encoder.pkl/decoder.pkl: the cache is re-derived
+    write_official(SPEC, tmp_path, seed=1)
+    changed = TF.load_tokenizer(str(tmp_path))
+    assert not torch.equal(changed.encoder.blocks.input.w, first.encoder.blocks.input.w)
+    # a tampered pickle is refused (and its code never runs), though a cache sits beside it
+    mark = tmp_path / "ran.txt"
+    monkeypatch.setenv("CIMFAST_TAMPER_MARK", str(mark))
+    _tamper(str(tmp_path / "encoder.pkl"))
+    with pytest.raises(TF.TokenizerFileError, match="refused"):
+        TF.load_tokenizer(str(tmp_path))
+    assert not mark.exists()
+
+
+def test_pins_are_enforced_on_every_path(tmp_path):
+    write_official(SPEC, tmp_path)
+    TF.load_tokenizer(str(tmp_path))
+    enc_sha = TF.sha256_of(str(tmp_path / "encoder.pkl"))
+    TF.load_tokenizer(str(tmp_path), encoder_sha256=enc_sha)  # the right pin, through the cache
+    with pytest.raises(TF.TokenizerFileError, match="pinned"):
+        TF.load_tokenizer(str(tmp_path), encoder_sha256="0" * 64)
+    # only the converted file left: its recorded SHA-256 of the pickles is checked
+    (tmp_path / "encoder.pkl").unlink()
+    (tmp_path / "decoder.pkl").unlink()
+    TF.load_tokenizer(str(tmp_path), encoder_sha256=enc_sha)
+    with pytest.raises(TF.TokenizerFileError, match="pinned"):
+        TF.load_tokenizer(str(tmp_path), encoder_sha256="0" * 64)
+    with pytest.raises(TF.TokenizerFileError, match="pinned"):
+        TF.load_tokenizer(str(tmp_path / "tokenizer.safetensors"), decoder_sha256="1" * 64)
+    # a file that records no pickle SHA-256 cannot satisfy a pin
+    TF.save_safetensors(T.Tokenizer(SPEC), str(tmp_path / "own.safetensors"))
+    with pytest.raises(TF.TokenizerFileError, match="records none"):
+        TF.load_tokenizer(str(tmp_path / "own.safetensors"), encoder_sha256=enc_sha)
+
+
+def test_swapped_and_misshapen_files_are_named(tmp_path):
+    write_official(SPEC, tmp_path)
+    (tmp_path / "encoder.pkl").rename(tmp_path / "x.pkl")
+    (tmp_path / "decoder.pkl").rename(tmp_path / "encoder.pkl")
+    (tmp_path / "x.pkl").rename(tmp_path / "decoder.pkl")
+    with pytest.raises(TF.TokenizerFileError, match="swapped"):
+        TF.load_tokenizer(str(tmp_path))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.manual_seed(0)
+    enc = T.Encoder(SPEC)
+    enc.blocks.group_1.block_1.res_path.conv_1.w = torch.nn.Parameter(torch.zeros(1, 1, 3, 3))  # a wrong shape
+    torch.save(to_official(enc), str(bad / "encoder.pkl"))
+    torch.save(to_official(T.Decoder(SPEC)), str(bad / "decoder.pkl"))
+    with pytest.raises(TF.TokenizerFileError, match="do not match the DALL-E architecture"):
+        TF.load_tokenizer(str(bad))

@@ -1,0 +1,101 @@
+"""Checks of what the user gave, made before DeepSpeed starts and before
+anything is written, each failing with one line that names the problem and
+what to do (``InputError``; the entry points exit with code 2)."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import sys
+from typing import Callable
+
+from cimfast import checkpoint
+from cimfast.config import ConfigError, InputError, RunConfig
+from cimfast.pipelines.datasets import IMAGE_EXTENSIONS
+
+log = logging.getLogger("cimfast")
+
+
+def check_run(run: RunConfig) -> None:
+    """Data path, checkpoint to resume from, and the output folder."""
+    if run.data_path and not os.path.exists(run.data_path):
+        raise InputError(f"data path {run.data_path} does not exist: pass --data_path with an image folder "
+                         "(one subfolder per class, or any tree of images) or a file list")
+    if run.data_path and os.path.isdir(run.data_path) and not _has_an_image(run.data_path):
+        raise InputError(f"data path {run.data_path} holds no images ({', '.join(IMAGE_EXTENSIONS)}): pass "
+                         "--data_path with an image folder or a file list")
+    if run.resume not in (None, "auto") and not os.path.isfile(os.path.join(run.resume, checkpoint.STATE_FILE)):
+        raise InputError(f"--resume {run.resume} is not a finished cimfast checkpoint (no {checkpoint.STATE_FILE}): "
+                         f"pass a folder under {checkpoint.checkpoint_root(run.output_dir)} or --resume auto")
+    latest = checkpoint.latest_checkpoint(run.output_dir)
+    if run.resume == "auto":
+        if latest:
+            log.info("--resume auto: continuing from %s (step %d)", latest, checkpoint.read_state(latest)["step"])
+        else:
+            log.info("--resume auto: no checkpoint in %s: starting at step 0", run.output_dir)
+    elif run.resume is None and latest:
+        if not run.overwrite:
+            raise InputError(f"output folder {run.output_dir} holds checkpoints (the newest at step "
+                             f"{checkpoint.read_state(latest)['step']}): continue it with --resume auto, start "
+                             "over with --overwrite, or pass another --output_dir")
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("--overwrite: removing the checkpoints and metrics of the previous run in %s", run.output_dir)
+            shutil.rmtree(checkpoint.checkpoint_root(run.output_dir), ignore_errors=True)
+            for name in ("metrics.jsonl", "tensorboard"):
+                path = os.path.join(run.output_dir, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
+                    os.path.exists(path) and os.remove(path)
+
+
+def _has_an_image(root: str) -> bool:
+    """Whether any image file lies under ``root`` (stops at the first one)."""
+    for _, _, files in os.walk(root, followlinks=True):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def check_port() -> None:
+    """The rendezvous port, where this process will open it (rank 0 under the
+    ``deepspeed`` launcher or plain python; torchrun's agent opens its own)."""
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    try:
+        local = addr in ("localhost", "127.0.0.1", "0.0.0.0", "::1") or socket.gethostbyname(addr) in (
+            "127.0.0.1", socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        local = False
+    if not local:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InputError(f"port {port} (MASTER_PORT) is in use, by another run perhaps: pass a free one "
+                                 "with --master_port to the launcher") from None
+            raise
+
+
+def report(error: Exception, debug: bool) -> int:
+    """An input error as one line on stderr: exit code 2 (``--debug``: the traceback too)."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    kind = "configuration error: " if isinstance(error, ConfigError) else ""
+    print(f"cimfast: {kind}{error}", file=sys.stderr)
+    return 2
+
+
+def guarded(body: Callable[[], int], argv) -> int:
+    """Run an entry point's body, turning an ``InputError`` into one line and exit code 2."""
+    debug = "--debug" in (sys.argv if argv is None else argv)
+    try:
+        return body()
+    except InputError as e:
+        return report(e, debug)

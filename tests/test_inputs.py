@@ -1,0 +1,105 @@
+"""Mistakes a user makes at the start: each is one line that names the problem
+and what to do, exit code 2, before DeepSpeed starts and before anything is
+written. Re-runs into a folder with checkpoints refuse; --resume auto says
+what it found; --debug shows the traceback."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.dalle_format import write_official
+from cimfast.tokenizer import TINY_SPEC
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(args, launcher=None, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, "cimfast", "train.py")] if launcher is None else launcher + [
+        os.path.join(ROOT, "cimfast", "train.py")]
+    return subprocess.run(cmd + ["--no-progress", "--num_workers", "0"] + args, env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(r, *words):
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    lines = [l for l in out.splitlines() if l.startswith("cimfast:")]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _bad_tokenizer(tmp):
+    d = tmp / "tok"
+    d.mkdir()
+    (d / "encoder.pkl").write_bytes(b"not a pickle")
+    (d / "decoder.pkl").write_bytes(b"")
+    return str(d)
+
+
+def _swapped_tokenizer(tmp):
+    d = tmp / "swapped"
+    d.mkdir()
+    write_official(TINY_SPEC, d)
+    os.replace(d / "encoder.pkl", d / "x")
+    os.replace(d / "decoder.pkl", d / "encoder.pkl")
+    os.replace(d / "x", d / "decoder.pkl")
+    return str(d)
+
+
+CASES = {
+    "missing data path": (lambda t: ["--data_path", str(t / "nope")], ("does not exist", "--data_path")),
+    "empty data folder": (lambda t: (t / "empty").mkdir() or ["--data_path", str(t / "empty")], ("no images",)),
+    "no tokenizer for a DALL-E preset": (lambda t: ["--preset", "base"], ("--tokenizer_path", "encoder.pkl")),
+    "unreadable tokenizer files": (lambda t: ["--tokenizer_path", _bad_tokenizer(t)], ("could not be read",)),
+    "swapped tokenizer files": (lambda t: ["--tokenizer_path", _swapped_tokenizer(t)], ("swapped",)),
+    "tokenizer pin that does not match": (
+        lambda t: ["--tokenizer_path", _swapped_tokenizer(t), "--encoder_sha256", "0" * 64], ("pinned",)),
+    "resume from a folder that is no checkpoint": (lambda t: ["--resume", str(t)], ("--resume", "checkpoint")),
+    "bad value": (lambda t: ["--window", "1"], ("window",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_input_errors_are_one_line_with_exit_code_2_and_write_nothing(tmp_path, case):
+    make, words = CASES[case]
+    out = tmp_path / "out"
+    r = _train(make(tmp_path) + ["--output_dir", str(out)])
+    _one_line(r, *words)
+    assert not out.exists()  # nothing written, nothing started
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = _train(["--data_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--debug"])
+    assert r.returncode == 2 and "Traceback" in r.stderr and "does not exist" in r.stderr
+
+
+def test_a_rerun_into_a_folder_with_checkpoints_refuses_and_resume_auto_says_what_it_found(tmp_path):
+    out = str(tmp_path / "out")
+    r = _train(["--output_dir", out, "--resume", "auto", "--max_steps", "1"])
+    assert r.returncode == 0 and "--resume auto: no checkpoint" in r.stderr, r.stderr[-2000:]
+    r = _train(["--output_dir", out, "--max_steps", "2"])
+    _one_line(r, "holds checkpoints", "--resume auto", "--overwrite", "--output_dir")
+    r = _train(["--output_dir", out, "--max_steps", "2", "--resume", "auto"])
+    assert r.returncode == 0 and "continuing from" in r.stderr and "step_00000001" in r.stderr, r.stderr[-2000:]
+    r = _train(["--output_dir", out, "--max_steps", "1", "--overwrite"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [l for l in f if l.strip()].__len__() == 1  # the old run's metrics are gone
+
+
+def test_a_busy_port_under_the_deepspeed_launcher(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _train(["--output_dir", str(tmp_path / "out")],
+                   launcher=[os.path.join(BIN, "deepspeed"), "--num_gpus", "1", "--master_port", str(port)])
+    line = _one_line(r, str(port), "--master_port")
+    assert "in use" in line
+    assert not (tmp_path / "out").exists()
