@@ -13,11 +13,15 @@ intact; leftover ``.tmp-*`` folders are removed at the next save.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
+
+from cimfast.config import InputError
 
 STATE_FILE = "cimfast_state.json"
 
@@ -108,11 +112,38 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
+def _deepspeed_state_types() -> list:
+    """The non-tensor types DeepSpeed's checkpoint files hold (ZeRO 0-3, fp32/bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_files(path: str) -> None:
+    """Read every file of a checkpoint folder with ``weights_only=True`` (tensors,
+    containers and the few DeepSpeed types above; memory-mapped, so no tensor
+    data is read) before anything loads it for real. DeepSpeed's own loaders
+    and ``zero_to_fp32`` unpickle without restriction: a checkpoint received
+    from someone else could otherwise run code on ``--resume`` or export."""
+    allowed = _deepspeed_state_types()
+    for f in sorted(glob.glob(os.path.join(path, "*.pt"))):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"checkpoint file {f} was refused: it holds more than tensors and DeepSpeed's state "
+                             f"({why[:200]}); use checkpoints written by cimfast, from a source you trust") from None
+
+
 def load(engine, path: str) -> dict:
     """Load ``engine`` (module, optimizer, scheduler) from a checkpoint folder; returns cimfast's state."""
     path = os.path.normpath(path)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise FileNotFoundError(f"{path} is not a finished cimfast checkpoint (no {STATE_FILE})")
+        raise InputError(f"{path} is not a finished cimfast checkpoint (no {STATE_FILE})")
+    verify_files(path)
     load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:

@@ -30,6 +30,9 @@ def check_run(run: RunConfig) -> None:
         raise InputError(f"--resume {run.resume} is not a finished cimfast checkpoint (no {checkpoint.STATE_FILE}): "
                          f"pass a folder under {checkpoint.checkpoint_root(run.output_dir)} or --resume auto")
     latest = checkpoint.latest_checkpoint(run.output_dir)
+    resume_from = latest if run.resume == "auto" else run.resume
+    if resume_from:
+        checkpoint.verify_files(resume_from)  # before DeepSpeed's unrestricted load
     if run.resume == "auto":
         if latest:
             log.info("--resume auto: continuing from %s (step %d)", latest, checkpoint.read_state(latest)["step"])

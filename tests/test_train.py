@@ -124,16 +124,22 @@ def test_zero3_two_ranks_and_export(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cimfast.export", out, str(tmp_path / "enh.safetensors")],
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "model = timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=112, depth=4)" in r.stdout
     _load_into_timm(str(tmp_path / "enh.safetensors"))
 
 
 def _load_into_timm(path):
+    """Build the model the file's metadata names, exactly as the export command prints it."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    sd = load_file(path)
     timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=112, depth=4)
-    m.load_state_dict(sd, strict=True)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["timm_create"] == "timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=112, depth=4)"
+    assert json.loads(meta["timm_kwargs"]) == {"img_size": 112, "depth": 4}
+    m = eval(meta["timm_create"], {"timm": timm})
+    m.load_state_dict(load_file(path), strict=True)
 
 
 def test_export_zero2_into_timm(runs, tmp_path):
@@ -246,3 +252,33 @@ def test_dali_cpu_pipeline_trains_and_resumes_exactly(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+
+
+TAMPER = r"""
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+path = sys.argv[1]
+states = torch.load(path, map_location="cpu", weights_only=False)
+states["extra"] = Payload()
+torch.save(states, path)
+"""
+
+
+def test_tampered_checkpoints_are_refused_before_anything_runs_them(runs, tmp_path):
+    """A checkpoint whose files would run code when unpickled: export and --resume
+    refuse it in one line (exit 2), and the code never runs."""
+    out = str(tmp_path / "tampered")
+    shutil.copytree(runs["one"], out)
+    mark = tmp_path / "ran"
+    target = os.path.join(checkpoint.latest_checkpoint(out), "mp_rank_00_model_states.pt")
+    r = subprocess.run([sys.executable, "-c", TAMPER, target, str(mark)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and not mark.exists(), r.stderr
+    r = subprocess.run([sys.executable, "-m", "cimfast.export", out, str(tmp_path / "e.safetensors")],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "was refused" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_train(["--ds_config", runs["cfg"], "--output_dir", out, "--resume", "auto", "--max_steps", "7"])
+    assert r.returncode == 2 and "was refused" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not mark.exists()
+    assert not (tmp_path / "e.safetensors").exists()
