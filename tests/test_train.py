@@ -282,3 +282,27 @@ def test_tampered_checkpoints_are_refused_before_anything_runs_them(runs, tmp_pa
     assert r.returncode == 2 and "was refused" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not mark.exists()
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_two_nodes_match_one_node_with_two_ranks(runs, tmp_path):
+    """2 nodes x 1 rank (two torchrun agents meeting at a c10d rendezvous on
+    127.0.0.1, as on a cluster) give the losses of 1 node x 2 ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "nodes")
+    cmd = [os.path.join(BIN, "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "cimfast-test",
+           os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", runs["cfg"], "--output_dir", out,
+           "--max_steps", "3"]
+    nodes = [subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), logs[0][-3000:] + logs[1][-3000:]
+    assert "2 rank(s)" in "".join(logs)
+    a, b = losses(runs["two"]), losses(out)
+    assert sorted(b) == [1, 2, 3]
+    for s in b:
+        assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
