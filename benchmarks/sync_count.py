@@ -8,9 +8,12 @@ On the CPU the reads are counted where Python makes them: ``Tensor.item``,
 ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``, ``numpy``,
 and ``torch.cuda.synchronize`` / DeepSpeed's accelerator ``synchronize``;
 each is counted with the line that called it. On a GPU, ``--cuda_sync_mode
-error`` makes PyTorch itself raise on any synchronizing CUDA call inside the
+warn`` makes PyTorch itself warn at every synchronizing CUDA call inside the
 step (``torch.cuda.set_sync_debug_mode``), which also sees reads made inside
-C++ (a boolean mask index, ``nonzero``).
+C++ (a boolean mask index, ``nonzero``); those warnings are counted too
+(``error`` raises at the first one). Note: DeepSpeed ZeRO-1/2 with
+``"overlap_comm": true`` synchronizes the device in every backward on CUDA
+(not on the CPU), by its design for overlapping the gradient reduction.
 
 Prints one JSON object: syncs per step (after ``--skip`` warm-up steps) and
 where they came from.
@@ -24,6 +27,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 
 import torch
 
@@ -101,10 +105,16 @@ def main(argv=None) -> int:
         if counter.active and a.cuda_sync_mode:
             torch.cuda.set_sync_debug_mode(a.cuda_sync_mode)
         try:
-            return original_step(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return original_step(*args, **kwargs)
         finally:
             if a.cuda_sync_mode:
                 torch.cuda.set_sync_debug_mode("default")
+            for w in caught if counter.active else ():  # "warn": each synchronizing CUDA call warns
+                if "synchroniz" in str(w.message):
+                    counter.count += 1
+                    counter.where[f"CUDA sync at {os.path.relpath(w.filename)}:{w.lineno}"] += 1
             per_step.append(counter.count if counter.active else None)
             counter.active = False
 

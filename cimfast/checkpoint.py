@@ -113,12 +113,12 @@ def read_state(path: str) -> dict:
 
 
 def _deepspeed_state_types() -> list:
-    """The non-tensor types DeepSpeed's checkpoint files hold (ZeRO 0-3, fp32/bf16)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The non-tensor types DeepSpeed's checkpoint files hold (ZeRO 0-3, fp32/bf16/fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def verify_files(path: str) -> None:
@@ -134,8 +134,9 @@ def verify_files(path: str) -> None:
                 torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"checkpoint file {f} was refused: it holds more than tensors and DeepSpeed's state "
-                             f"({why[:200]}); use checkpoints written by cimfast, from a source you trust") from None
+            raise InputError(f"checkpoint file {f} was refused: it holds more than tensors and the DeepSpeed "
+                             f"state types cimfast knows ({why[:200]}); load it only if you trust its source "
+                             "and know what it holds") from None
 
 
 def load(engine, path: str) -> dict:

@@ -7,13 +7,17 @@ on the device: the flag is OR-ed over the step's micro-batches, all-reduced
 over ranks (a device collective, no host read) and handed to the optimizer
 as ``found_inf``, the argument torch's fused Adam/AdamW/SGD take from
 ``GradScaler``: with it set the fused kernel leaves weights, moments and the
-step count untouched. Counts (total, longest run of bad steps) stay on the
-device and are read with the metrics at the log interval. An optimizer
-without ``found_inf`` (DeepSpeed's own FusedAdam, a foreach torch AdamW)
-falls back to the exact host-side check: one read per micro-step, the bad
-micro-batch skipped before its backward. The choice is logged once; write
-``"fused": true`` beside ``"torch_adam": true`` in the optimizer's params
-for the device path.
+step count untouched. A non-finite gradient norm with a finite loss is
+OR-ed in by the ZeRO-1/2 clipping below. Counts (skipped steps, the longest
+run of them) stay on the device and are read with the metrics at the log
+interval. A skipped step still advances the learning-rate schedule by one.
+An optimizer without ``found_inf`` (DeepSpeed's own FusedAdam, a foreach
+torch AdamW) falls back to the exact host-side check: one read per
+micro-step, the bad micro-batch skipped before its backward and counted,
+``limit`` of them in a row stop the run (DeepSpeed's own overflow check then
+stays on for the gradients). The choice is logged once; write ``"fused":
+true`` beside ``"torch_adam": true`` in the optimizer's params for the
+device path.
 """
 from __future__ import annotations
 
@@ -48,9 +52,17 @@ def device_skip_optimizer(optimizer):
 def _unscale_and_clip_grads_on_device(self, grad_groups_flat, total_norm):
     """DeepSpeed ZeRO-1/2's ``unscale_and_clip_grads`` with the same arithmetic,
     minus its host read: DeepSpeed asks ``bool(norm is invalid)`` to swap a
-    non-finite norm for inf; ``torch.where`` does that on the device. (A step
-    with a non-finite norm is skipped anyway: by DeepSpeed's overflow check
-    where that is on, else by the guard's ``found_inf``.)"""
+    non-finite norm for inf; ``torch.where`` does that on the device.
+
+    A non-finite gradient norm with a finite loss (an overflow in the backward)
+    is also OR-ed into the guard's ``found_inf``, so the fused optimizer skips
+    that step as DeepSpeed's own overflow check would (that check is off when
+    the guard skips on the device). The norm is the global one: every rank
+    decides alike."""
+    found_inf = getattr(self.optimizer, "found_inf", None)
+    if found_inf is not None and total_norm is not None:
+        norm = torch.as_tensor(total_norm, dtype=torch.float, device=found_inf.device)
+        torch.maximum(found_inf, (~(torch.isfinite(norm) & (norm >= 0))).float(), out=found_inf)
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
         return
     combined_scale = self.loss_scale
@@ -77,24 +89,32 @@ def remove_clip_sync(optimizer) -> bool:
 
 
 class NonFiniteGuard:
-    def __init__(self, optimizer, device: torch.device, world: int, total: int = 0):
-        self.world = world
+    """Skips non-finite steps (on the device, or on the host as a fallback) and counts them."""
+
+    def __init__(self, optimizer, device: torch.device, world: int, total: int = 0, limit: int = 5):
+        self.world, self.limit = world, limit
         self.opt = device_skip_optimizer(optimizer)
         self.on_device = self.opt is not None
         self.bad = torch.zeros((), dtype=torch.bool, device=device)        # this step, this rank
-        self.total = torch.full((), total, dtype=torch.int64, device=device)  # bad steps (or micro-batches)
-        self.row = torch.zeros((), dtype=torch.int64, device=device)        # bad in a row, now
+        self.total = torch.full((), total, dtype=torch.int64, device=device)  # skipped steps
+        self.row = torch.zeros((), dtype=torch.int64, device=device)        # skipped in a row, now
         self.longest = torch.zeros((), dtype=torch.int64, device=device)    # longest row since the last read
         self._host_total, self._host_row = total, 0
         if self.on_device:
             self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
             self.opt.found_inf = self.found_inf
-            log.info("non-finite losses: the step is skipped on the device (%s found_inf)", type(self.opt).__name__)
+            log.info("non-finite losses and gradients: the step is skipped on the device (%s found_inf)",
+                     type(self.opt).__name__)
         else:
             names = " > ".join(type(o).__name__ for o in _inner_optimizers(optimizer))
             log.info("non-finite losses: checked on the host at every micro-step (the optimizer %s has no "
                      "found_inf; \"torch_adam\": true with \"fused\": true in ds_config's optimizer params "
                      "skips on the device)", names or "none")
+
+    @property
+    def exhausted(self) -> bool:
+        """The host path saw ``limit`` non-finite micro-batches in a row: stop now."""
+        return self._host_row >= self.limit
 
     def skip(self, loss: torch.Tensor) -> bool:
         """Record one micro-step's loss. True: leave this micro-batch out (host path only)."""
@@ -114,17 +134,21 @@ class NonFiniteGuard:
         return False
 
     def before_update(self) -> None:
-        """At the accumulation boundary, before the optimizer step: publish the step's flag."""
-        if not self.on_device:
-            return
-        bad = self.bad.to(torch.int64)
-        if self.world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device collective: no host read
-        self.found_inf.copy_(bad)
-        self.total += bad
-        self.row.mul_(bad).add_(bad)
-        torch.maximum(self.longest, self.row, out=self.longest)
-        self.bad.zero_()
+        """At the accumulation boundary, before the optimizer step: publish the step's loss flag."""
+        if self.on_device:
+            bad = self.bad.float()
+            if self.world > 1:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device collective: no host read
+            self.found_inf.copy_(bad)
+
+    def after_update(self) -> None:
+        """After the optimizer step: count it if it was skipped (loss or, via the clipping, gradients)."""
+        if self.on_device:
+            skipped = (self.found_inf > 0).to(torch.int64)
+            self.total += skipped
+            self.row.mul_(skipped).add_(skipped)
+            torch.maximum(self.longest, self.row, out=self.longest)
+            self.bad.zero_()
 
     def counters(self) -> dict:
         """Device scalars to read with the metrics (``Meter.report`` sums them over ranks)."""

@@ -30,26 +30,28 @@ def check_run(run: RunConfig) -> None:
         raise InputError(f"--resume {run.resume} is not a finished cimfast checkpoint (no {checkpoint.STATE_FILE}): "
                          f"pass a folder under {checkpoint.checkpoint_root(run.output_dir)} or --resume auto")
     latest = checkpoint.latest_checkpoint(run.output_dir)
-    resume_from = latest if run.resume == "auto" else run.resume
-    if resume_from:
-        checkpoint.verify_files(resume_from)  # before DeepSpeed's unrestricted load
     if run.resume == "auto":
         if latest:
             log.info("--resume auto: continuing from %s (step %d)", latest, checkpoint.read_state(latest)["step"])
         else:
             log.info("--resume auto: no checkpoint in %s: starting at step 0", run.output_dir)
-    elif run.resume is None and latest:
-        if not run.overwrite:
-            raise InputError(f"output folder {run.output_dir} holds checkpoints (the newest at step "
-                             f"{checkpoint.read_state(latest)['step']}): continue it with --resume auto, start "
-                             "over with --overwrite, or pass another --output_dir")
-        if int(os.environ.get("RANK", "0")) == 0:
-            log.warning("--overwrite: removing the checkpoints and metrics of the previous run in %s", run.output_dir)
-            shutil.rmtree(checkpoint.checkpoint_root(run.output_dir), ignore_errors=True)
-            for name in ("metrics.jsonl", "tensorboard"):
-                path = os.path.join(run.output_dir, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
-                    os.path.exists(path) and os.remove(path)
+    elif run.resume is None and latest and not run.overwrite:
+        raise InputError(f"output folder {run.output_dir} holds checkpoints (the newest at step "
+                         f"{checkpoint.read_state(latest)['step']}): continue it with --resume auto, start "
+                         "over with --overwrite, or pass another --output_dir")
+
+
+def clear_previous_run(run: RunConfig, rank: int) -> None:
+    """``--overwrite``: rank 0 removes the previous run's checkpoints and metrics.
+    Called after every check passed and every rank joined (no rank still
+    reads them), followed by a barrier."""
+    if run.overwrite and run.resume is None and rank == 0 and checkpoint.latest_checkpoint(run.output_dir):
+        log.warning("--overwrite: removing the checkpoints and metrics of the previous run in %s", run.output_dir)
+        shutil.rmtree(checkpoint.checkpoint_root(run.output_dir), ignore_errors=True)
+        shutil.rmtree(os.path.join(run.output_dir, "tensorboard"), ignore_errors=True)
+        metrics = os.path.join(run.output_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            os.remove(metrics)
 
 
 def _has_an_image(root: str) -> bool:

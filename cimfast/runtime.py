@@ -26,7 +26,7 @@ from cimfast.guards import NonFiniteGuard, StopRequest, remove_clip_sync
 from cimfast.metrics import Meter, MetricsWriter, peak_flops, progress_postfix, read_metrics
 from cimfast.pictures import save_loss_plot
 from cimfast.pipelines.prefetch import DevicePrefetcher
-from cimfast.preflight import check_port
+from cimfast.preflight import check_port, clear_previous_run
 
 log = logging.getLogger("cimfast")
 
@@ -61,8 +61,9 @@ def fill_auto(ds: dict, run: RunConfig) -> dict:
     if params.get("warmup_num_steps") == "auto":
         params["warmup_num_steps"] = max(1, run.max_steps // 10)
     ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
-    if ds.get("bf16", {}).get("enabled"):
-        ds["bf16"].setdefault("check_grad_overflow", False)
+    opt = ds.get("optimizer", {}).get("params", {})
+    if ds.get("bf16", {}).get("enabled") and opt.get("torch_adam") and opt.get("fused"):
+        ds["bf16"].setdefault("check_grad_overflow", False)  # the guard skips on the device instead
     return ds
 
 
@@ -97,7 +98,10 @@ def resolve_cuda_defaults(run: RunConfig, device: torch.device) -> RunConfig:
 
 
 def write_config(run: RunConfig, rank: int, settings: dict) -> None:
-    """``config.json``: every setting of the run (rank 0)."""
+    """``config.json``: every setting of the run (rank 0), after ``--overwrite`` cleared the old run."""
+    clear_previous_run(run, rank)
+    if dist.is_initialized():
+        dist.barrier()
     if rank == 0:
         os.makedirs(run.output_dir, exist_ok=True)
         with open(os.path.join(run.output_dir, "config.json"), "w") as f:
@@ -154,11 +158,16 @@ def train_step(engine, job: Job, batches, guard: NonFiniteGuard, meter: Meter, s
         out = job.forward(engine, next(batches), step)
         state["micro_steps_consumed"] += 1
         if guard.skip(out["loss"]):
+            if guard.exhausted:
+                return
             continue
         engine.backward(out["loss"])
-        if engine.is_gradient_accumulation_boundary():
+        boundary = engine.is_gradient_accumulation_boundary()
+        if boundary:
             guard.before_update()
         engine.step()
+        if boundary:
+            guard.after_update()
         meter.add(out)
         done += 1
 
@@ -227,6 +236,12 @@ def log_extras(engine, device: torch.device) -> dict:
     return extras
 
 
+def nonfinite_stop(in_a_row: int) -> int:
+    log.error("%d non-finite losses in a row: stopping. Lower the learning rate, check the data, "
+              "or use bf16 instead of fp16; resume with --resume auto.", in_a_row)
+    return 3
+
+
 def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
     resume_path = resolve_resume(run)
     engine = make_engine(job.model, ds_cfg, run)
@@ -237,7 +252,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
         log.info("resumed from %s at step %d", resume_path, state["step"])
     step = state["step"]
     batches = DevicePrefetcher(job.batches(micro, state["micro_steps_consumed"]), device)
-    guard = NonFiniteGuard(engine.optimizer, device, world, state["nonfinite_total"])
+    guard = NonFiniteGuard(engine.optimizer, device, world, state["nonfinite_total"], run.max_nonfinite)
     meter = Meter(world, micro * gas * world, job.flops_per_image, peak_flops(device, run.peak_tflops), step)
     stopper = StopRequest(world)
     outputs = Outputs(job, run, engine, rank, step)
@@ -248,6 +263,9 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
     engine.train()
     while step < run.max_steps and not stopped:
         train_step(engine, job, batches, guard, meter, state, step)
+        if guard.exhausted:  # host path: the micro-batches kept failing
+            code = nonfinite_stop(run.max_nonfinite)
+            break
         step += 1
         if outputs.bar is not None:
             outputs.bar.update(1)
@@ -258,9 +276,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
             _, in_a_row = guard.read(metrics)
             outputs.show(step, metrics)
             if in_a_row >= run.max_nonfinite:
-                code = 3
-                log.error("%d non-finite losses in a row: stopping. Lower the learning rate, check the data, "
-                          "or use bf16 instead of fp16; resume with --resume auto.", in_a_row)
+                code = nonfinite_stop(in_a_row)
                 break
         outputs.periodic(state, step)
         stopped = stopper.agreed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import tempfile
 from collections import OrderedDict
 from dataclasses import asdict
 
@@ -132,7 +133,8 @@ def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) ->
     tensors.update({f"decoder.{k}": v.contiguous() for k, v in tok.decoder.state_dict().items()})
     meta = {k: str(v) for k, v in asdict(tok.spec).items()}
     meta.update(metadata or {})
-    tmp = path + ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")  # ranks may write at once
+    os.close(fd)
     save_file(tensors, tmp, metadata=meta)
     umask = os.umask(0)
     os.umask(umask)
@@ -205,10 +207,12 @@ def load_tokenizer(path: str, encoder_sha256: str | None = None,
     the restricted unpickler and converted once to ``tokenizer.safetensors``
     beside them, which records their SHA-256, size and mtime) or only a
     ``tokenizer.safetensors``. The cache is used only while it matches the
-    pickles beside it: a changed pickle (size or mtime first, then its
-    SHA-256) is read again and the cache re-derived. Pinned SHA-256 values
-    are always checked: against the pickles, or against the values a
-    ``.safetensors`` records of the pickles it was converted from.
+    pickles beside it: a pickle whose size or mtime changed is hashed again,
+    and a changed SHA-256 makes the pickles be read again and the cache
+    re-derived (a damaged cache too). Pinned SHA-256 values are always
+    checked: against the pickles' (recorded while their size and mtime are
+    unchanged, else computed), or against the values a ``.safetensors``
+    records of the pickles it was converted from.
     """
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
@@ -227,7 +231,10 @@ def load_tokenizer(path: str, encoder_sha256: str | None = None,
             return load_tokenizer(cached, encoder_sha256, decoder_sha256)
         missing = [p for p in (enc_p, dec_p) if not os.path.isfile(p)]
         raise TokenizerFileError(f"tokenizer files missing: {', '.join(missing)}")
-    sd, meta = _read_safetensors(cached) if os.path.isfile(cached) else ({}, {})
+    try:
+        sd, meta = _read_safetensors(cached) if os.path.isfile(cached) else ({}, {})
+    except TokenizerFileError:  # a damaged cache: made again from the pickles
+        sd, meta = {}, {}
     digests = {"encoder": _digest(enc_p, meta, "encoder"), "decoder": _digest(dec_p, meta, "decoder")}
     check_pin(enc_p, digests["encoder"], encoder_sha256)
     check_pin(dec_p, digests["decoder"], decoder_sha256)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from cimfast.checkpoint import latest_checkpoint
+from cimfast import checkpoint
 from cimfast.cli import parse
 from cimfast.config import RunConfig, require
 from cimfast.dataloading import build_batches, build_image_dataset
@@ -145,7 +145,8 @@ def train_tokenizer(argv) -> int:
     rank, world, device = init_distributed()
     job, heldout = setup(tcfg, run, ds_cfg, rank, world, device)
     code = run_job(job, run, ds_cfg, rank, world, device)
-    if code == 0 and rank == 0:
+    ended = code == 0 and checkpoint.read_state(checkpoint.latest_checkpoint(run.output_dir))["reason"] == "end"
+    if ended and rank == 0:  # not after a stop by signal: that run continues with --resume auto
         write_tokenizer(run, heldout)
     finish()
     return code
@@ -186,7 +187,7 @@ def setup(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict, rank: int, world:
 
 def write_tokenizer(run: RunConfig, heldout: typing.Optional[torch.Tensor]) -> None:
     """``tokenizer.safetensors`` from the last checkpoint, and the held-out report."""
-    tok = tokenizer_from_state_dict(full_state_dict(latest_checkpoint(run.output_dir)))
+    tok = tokenizer_from_state_dict(full_state_dict(checkpoint.latest_checkpoint(run.output_dir)))
     out = os.path.join(run.output_dir, "tokenizer.safetensors")
     save_safetensors(tok, out, {"trained_by": "cimfast.tokenizer_train", "seed": str(run.seed),
                                 "steps": str(run.max_steps)})

@@ -88,7 +88,7 @@ def two_views(img: torch.Tensor, params, size: int, tok_size: Optional[int]
 
     Views stay uint8 until they reach the training device (a quarter of the
     bytes of float32 through the loader and the host-to-device copy); the
-    model turns them into [0, 1] floats there (``cimfast.cim.as_unit``).
+    model turns them into [0, 1] floats there (``as_unit``).
     Bilinear resizing with antialiasing (as PIL and DALI do), in uint8 by
     torch's vectorized channels-last kernel (several times faster than in
     float on the CPU; at most 1/255 apart)."""

@@ -27,6 +27,7 @@ def _step(m, opt, guard, x):
     loss.backward()
     guard.before_update()
     opt.step()
+    guard.after_update()
     opt.zero_grad(set_to_none=True)
 
 
@@ -84,6 +85,8 @@ def test_optimizer_without_found_inf_takes_the_host_path():
 
 class _ZeroLike:
     """The attributes DeepSpeed's ZeRO-1/2 clipping reads."""
+
+    optimizer = None  # the wrapped torch optimizer (none here: no found_inf)
 
     def __init__(self, clip_grad, loss_scale=1.0):
         self.clip_grad, self.loss_scale, self.device = clip_grad, loss_scale, torch.device("cpu")
@@ -157,3 +160,114 @@ def test_sync_count_of_the_bf16_zero2_step_is_zero(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text())["syncs_per_step"] >= 3
+
+
+def test_a_nonfinite_gradient_norm_with_a_finite_loss_skips_the_step():
+    """An overflow in the backward (finite loss, infinite gradient): the clipping
+    replacement ORs it into the optimizer's found_inf, as DeepSpeed's own check would."""
+    m, opt = _model_and_opt()
+    opt.found_inf = torch.zeros(())
+
+    class Zero(_ZeroLike):
+        optimizer = opt
+
+    grads = torch.randn(10)
+    _unscale_and_clip_grads_on_device(Zero(3.0), [grads.clone()], torch.tensor(2.0))
+    assert float(opt.found_inf) == 0.0
+    for clip in (3.0, 0.0):  # with and without clipping
+        opt.found_inf.zero_()
+        _unscale_and_clip_grads_on_device(Zero(clip), [grads.clone()], torch.tensor(float("inf")))
+        assert float(opt.found_inf) == 1.0
+
+
+def test_meter_leaves_nonfinite_values_out_of_the_means():
+    from cimfast.metrics import Meter
+
+    meter = Meter(world=1, global_batch=4, flops_per_image=0.0, peak=None, step=0)
+    for v in (1.0, float("nan"), 3.0):
+        meter.add({"loss": torch.tensor(v), "acc": torch.tensor(0.5)})
+    out = meter.report(3, {"n": torch.tensor(7)})
+    assert out["loss"] == 2.0 and out["acc"] == 0.5 and out["n"] == 7
+
+
+DS_SKIP = r"""
+import json, os, sys, torch
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed
+from cimfast.config import RunConfig
+from cimfast.guards import NonFiniteGuard, remove_clip_sync
+from cimfast.runtime import fill_auto
+
+class InfGrad(torch.autograd.Function):  # identity forward, infinite gradient
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+ds = json.load(open(sys.argv[2]))
+ds.pop("cimfast")
+ds.update(train_batch_size=4, bf16={"enabled": True}, zero_optimization={"stage": 2})
+fill_auto(ds, RunConfig(max_steps=10))
+assert ds["bf16"]["check_grad_overflow"] is False
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+remove_clip_sync(engine.optimizer)
+guard = NonFiniteGuard(engine.optimizer, torch.device("cpu"), 1)
+assert guard.on_device
+
+def step(x, inf_grad=False):
+    h = engine.module[0](x.to(torch.bfloat16))
+    loss = engine.module[1](InfGrad.apply(h) if inf_grad else h).float().square().mean()
+    guard.skip(loss)
+    engine.backward(loss)
+    guard.before_update()
+    engine.step()
+    guard.after_update()
+
+def weights():
+    return [p.detach().float().clone() for p in engine.optimizer.single_partition_of_fp32_groups]
+
+x = torch.randn(4, 8)
+step(x)
+before = weights()
+step(torch.full((4, 8), float("nan")))       # non-finite loss
+step(x, inf_grad=True)                        # finite loss, infinite gradient
+after = weights()
+assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step changed the weights"
+step(x)
+assert not all(torch.equal(a, b) for a, b in zip(after, weights())), "a good step after them did nothing"
+assert int(guard.total) == 2
+print("OK")
+"""
+
+
+def test_the_device_skip_through_deepspeed_bf16_zero2(tmp_path):
+    """Through DeepSpeed's own ZeRO-2 bf16 optimizer wrapper: a non-finite loss and
+    an infinite gradient with a finite loss leave the fp32 master weights untouched."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    r = subprocess.run([sys.executable, "-c", DS_SKIP, port, os.path.join(ROOT, "configs", "ds_demo.json")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_fp16_checkpoint_state_passes_the_safe_load(tmp_path):
+    """fp16 runs save DeepSpeed's DynamicLossScaler: it is allow-listed."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from cimfast.checkpoint import verify_files
+
+    scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    torch.save({"loss_scaler": scaler, "w": torch.zeros(3)},
+               tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    verify_files(str(tmp_path))

@@ -110,3 +110,30 @@ def test_tokenizer_training_resumes_exactly(trained, tmp_path):
     for s in range(1, 13):
         assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
     assert checkpoint.read_state(checkpoint.latest_checkpoint(out))["step"] == 12
+
+
+def test_a_stopped_tokenizer_run_writes_no_tokenizer(tmp_path):
+    """SIGTERM mid-run: a checkpoint to resume from, but no tokenizer.safetensors
+    or report claiming a finished run."""
+    import signal
+    import time
+
+    out = str(tmp_path / "stopped")
+    cfg_dir = str(tmp_path)
+    with open(os.path.join(ROOT, "configs", "ds_tokenizer_demo.json")) as f:
+        cfg = json.load(f)
+    cfg["train_batch_size"] = 8
+    with open(os.path.join(cfg_dir, "ds_tok.json"), "w") as f:
+        json.dump(cfg, f)
+    cmd = [sys.executable, os.path.join(ROOT, "cimfast", "tokenizer_train.py"), "--ds_config",
+           os.path.join(cfg_dir, "ds_tok.json"), "--output_dir", out, "--max_steps", "1000", *SMALL]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(out)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(out))["reason"] == "signal"
+    assert not os.path.exists(os.path.join(out, "tokenizer.safetensors"))
+    assert not os.path.exists(os.path.join(out, "tokenizer_report.json"))
