@@ -50,9 +50,20 @@ def gumbel_noise(sample_keys: torch.Tensor, shape) -> torch.Tensor:
     return -torch.log(-torch.log(u)).view(B, *shape[1:])
 
 
+def usage_kl(logits: torch.Tensor) -> torch.Tensor:
+    """KL(code marginal || uniform): the codes' average probability over the
+    batch and the cells against the uniform distribution. 0 when every code is
+    used alike, log(vocab) when one code takes all. (The per-cell KL to the
+    uniform prior does not see this: every cell can be uncertain among the
+    same few codes.)"""
+    marginal = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
+    return (marginal * (marginal.clamp_min(1e-12) * logits.shape[1]).log()).sum()
+
+
 def dvae_loss(tok: Tokenizer, x01: torch.Tensor, tau: float, beta: float, sample_keys: torch.Tensor,
-              hard: bool = False) -> dict:
-    """One dVAE step's loss on images ``x01`` [B, 3, H, W] in [0, 1]."""
+              hard: bool = False, usage_weight: float = 0.0) -> dict:
+    """One dVAE step's loss on images ``x01`` [B, 3, H, W] in [0, 1]; ``usage_weight``
+    adds the codebook-usage term ``usage_kl`` (0: DALL-E's recipe)."""
     x = map_pixels(x01)
     logits = tok.encoder(x)  # [B, V, h, w]
     y = ((logits.float() + gumbel_noise(sample_keys, logits.shape)) / tau).softmax(dim=1)
@@ -65,7 +76,10 @@ def dvae_loss(tok: Tokenizer, x01: torch.Tensor, tau: float, beta: float, sample
     with torch.no_grad():
         recon = unmap_pixels(torch.sigmoid(params[:, :3].float()))
         mse = F.mse_loss(recon, x01.float())
-    return {"loss": nll + beta * kl / KL_SCALE, "nll": nll.detach(), "kl": kl.detach(), "mse": mse, "logits": logits.detach()}
+    usage = usage_kl(logits)
+    loss = nll + beta * kl / KL_SCALE + usage_weight * usage
+    return {"loss": loss, "nll": nll.detach(), "kl": kl.detach(), "usage_kl": usage.detach(), "mse": mse,
+            "logits": logits.detach()}
 
 
 def tau_at(step: int, total: int, start: float = 1.0, end: float = 1 / 16) -> float:
@@ -77,6 +91,16 @@ def tau_at(step: int, total: int, start: float = 1.0, end: float = 1 / 16) -> fl
 def beta_at(step: int, ramp: int, final: float) -> float:
     """Linear ramp of the KL weight from 0 to ``final`` over ``ramp`` steps."""
     return final * min(1.0, step / max(1, ramp))
+
+
+@torch.no_grad()
+def code_usage(ids: torch.Tensor, vocab: int) -> dict:
+    """Perplexity of the batch's hard codes and the share of the codebook they use,
+    as device scalars (logged each interval: collapse shows as they fall)."""
+    counts = torch.bincount(ids.reshape(-1), minlength=vocab).float()
+    p = counts / counts.sum()
+    entropy = -(p * p.clamp_min(1e-12).log()).sum()
+    return {"code_perplexity": entropy.exp(), "codes_used": (counts > 0).float().mean()}
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from cimfast import checkpoint
 from cimfast.cli import parse
 from cimfast.config import RunConfig, require
 from cimfast.dataloading import build_batches, build_image_dataset
-from cimfast.dvae import beta_at, codebook_stats, dvae_loss, psnr, tau_at
+from cimfast.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.export import full_state_dict
 from cimfast.preflight import check_run, guarded
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
@@ -59,6 +59,9 @@ class TokenizerConfig:
     tau_steps: typing.Optional[int] = field(default=None, metadata={"help": "annealing steps (default: max_steps)"})
     kl_weight: float = field(default=6.6, metadata={"help": "final KL weight (DALL-E's convention)"})
     kl_ramp_steps: typing.Optional[int] = field(default=None, metadata={"help": "KL ramp (default: max_steps / 4)"})
+    usage_weight: float = field(default=0.0, metadata={
+        "help": "weight of the codebook-usage term KL(code marginal || uniform); 0: DALL-E's recipe. "
+                "On small data sets the codebook collapses without it (see cimfast.dvae.usage_kl)"})
     heldout_path: typing.Optional[str] = field(default=None, metadata={
         "help": "held-out images for the report (default: the demo's held-out photos with the demo data)"})
     heldout_samples: int = field(default=64, metadata={"help": "held-out crops in the report"})
@@ -71,6 +74,7 @@ class TokenizerConfig:
         for k in ("n_hid", "n_init", "n_blk_per_group", "vocab_size", "tau_steps", "kl_ramp_steps"):
             need(getattr(self, k) is None or getattr(self, k) >= 1, k, "must be positive")
         need(self.kl_weight >= 0, "kl_weight", "must not be negative")
+        need(self.usage_weight >= 0, "usage_weight", "must not be negative")
 
     def spec(self) -> TokenizerSpec:
         base = asdict(SPECS[self.architecture])
@@ -82,14 +86,14 @@ class TokenizerConfig:
 class DVAE(nn.Module):
     """The trainable dVAE: the tokenizer's encoder and decoder, unfrozen."""
 
-    def __init__(self, spec: TokenizerSpec):
+    def __init__(self, spec: TokenizerSpec, usage_weight: float = 0.0):
         super().__init__()
-        self.spec = spec
+        self.spec, self.usage_weight = spec, usage_weight
         self.encoder = Encoder(spec)
         self.decoder = Decoder(spec)
 
     def forward(self, images, sample_keys, tau: float, beta: float):
-        return dvae_loss(self, as_unit(images), tau, beta, sample_keys)
+        return dvae_loss(self, as_unit(images), tau, beta, sample_keys, usage_weight=self.usage_weight)
 
 
 @torch.no_grad()
@@ -162,14 +166,15 @@ def setup(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict, rank: int, world:
     dataset = build_image_dataset(run, tcfg.image_size, None, mask_fn=None)
     heldout = heldout_images(tcfg, run)
     torch.manual_seed(run.seed)
-    model = DVAE(spec).to(device)
+    model = DVAE(spec, tcfg.usage_weight).to(device)
     tau_steps = tcfg.tau_steps or run.max_steps
     ramp = tcfg.kl_ramp_steps or max(1, run.max_steps // 4)
 
     def forward(engine, batch, step):
         out = engine(batch["images"], batch["sample_key"], tau_at(step, tau_steps, tcfg.tau_start, tcfg.tau_end),
                      beta_at(step, ramp, tcfg.kl_weight))
-        return {k: v for k, v in out.items() if k != "logits"}
+        logits = out.pop("logits")
+        return {**out, **code_usage(logits.argmax(1), spec.vocab_size)}  # on the device: no host read
 
     def picture(module, path):
         if heldout is None:
