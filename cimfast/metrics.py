@@ -70,20 +70,21 @@ class Meter:
         self._reset(step)
 
     def _reset(self, step: int) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
+        self.keys: Optional[list] = None  # the scalar outputs, in a fixed order
+        self.sums = self.counts = None    # [len(keys)] device vectors
         self.wait, self.since, self.step_at = 0.0, time.perf_counter(), step
 
     def add(self, out: dict) -> None:
-        """One micro-step's outputs (scalar tensors; no host read). Non-finite
-        values (a skipped step's) are left out of the means, not turned into NaN."""
-        for k, v in out.items():
-            if isinstance(v, torch.Tensor) and v.dim() == 0:
-                v = v.detach().float()
-                ok = torch.isfinite(v)
-                v = torch.where(ok, v, torch.zeros_like(v))
-                self.sums[k] = self.sums[k] + v if k in self.sums else v
-                self.counts[k] = self.counts[k] + ok if k in self.counts else ok.float()
+        """One micro-step's outputs (scalar tensors): a few vector ops on the
+        device, no host read. Non-finite values (a skipped step's) are left out
+        of the means, not turned into NaN."""
+        if self.keys is None:
+            self.keys = sorted(k for k, v in out.items() if isinstance(v, torch.Tensor) and v.dim() == 0)
+        v = torch.stack([out[k].detach().float() for k in self.keys])
+        ok = torch.isfinite(v)
+        v = torch.where(ok, v, 0.0)
+        self.sums = v if self.sums is None else self.sums + v
+        self.counts = ok.float() if self.counts is None else self.counts + ok
 
     def waited(self, seconds: float) -> None:
         self.wait += seconds
@@ -92,9 +93,8 @@ class Meter:
         """The record of the steps since the last report. ``counters`` (device
         scalars, e.g. non-finite counts) are read in the same host read; like
         the means they are reduced over ranks (the sum for counters)."""
-        keys = sorted(self.sums)
-        means = (torch.stack([self.sums[k] for k in keys]) / torch.stack([self.counts[k] for k in keys]).clamp_min(1)
-                 / self.world) if keys else None
+        keys = self.keys or []
+        means = self.sums / self.counts.clamp_min(1) / self.world if keys else None
         extra = torch.stack([counters[k].float() for k in sorted(counters)]) if counters else None
         parts = [t for t in (means, extra) if t is not None]
         vec = torch.cat(parts) if parts else torch.zeros(0)
