@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from cimfast.config import Config
 from cimfast.kernels import sample_ce, window_norm_loss, window_normalize
+from cimfast.metrics import balanced_accuracy, code_counts, trivial_accuracy
 from cimfast.models.resnet import ResNetEnhancer
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer, unpatchify
 from cimfast.pipelines.views import as_unit
@@ -144,8 +145,16 @@ class CIMModel(nn.Module):
                 "gen_acc": gen.correct.float().mean(),
                 "replaced_frac": replaced.sum() / mask.sum().clamp_min(1),
             }
-            if cfg.objective == "revdet":
-                result["det_acc"] = ((out.squeeze(-1) > 0).float() == replaced).float().mean()
+            # what CIM learned, beside what a trivial predictor reaches (cimfast.metrics)
+            result["code_counts"] = code_counts(ids.reshape(-1)[pos], tok.vocab_size)
+            if cfg.objective == "respix":  # predicting zero everywhere (the window mean)
+                result["enh_loss_trivial"] = window_norm_loss(torch.zeros_like(out), images, cfg.window,
+                                                              cfg.window_eps, patch=cfg.patch_size)
+            else:
+                flagged = out.squeeze(-1) > 0
+                result["det_acc"] = (flagged == (replaced > 0.5)).float().mean()
+                result["det_bal_acc"] = balanced_accuracy(flagged, replaced > 0.5)
+                result["det_acc_trivial"] = trivial_accuracy(replaced)
         result["loss"] = loss
         if return_visuals:
             result["visuals"] = self._visuals(images, corrupted, replaced, out)

@@ -65,6 +65,11 @@ class Config:
                 "1e-4 (a std of 2.55/255) keeps flat windows from turning 8-bit quantization noise into "
                 "unit-size targets (see cimfast.kernels.pixel_loss)"})
     enhancer_weight: float = field(default=1.0, metadata={"help": "loss = generator + enhancer_weight * enhancer"})
+    knn_train_path: typing.Optional[str] = field(default=None, metadata={
+        "help": "k-NN monitor: labelled train images (one subfolder per class), or demo (the digits); "
+                "with knn_val_path, logs knn_top1 of the enhancer during pre-training"})
+    knn_val_path: typing.Optional[str] = field(default=None, metadata={"help": "k-NN monitor: labelled val images"})
+    knn_interval: int = field(default=1000, metadata={"help": "k-NN monitor: steps between runs (and at the end)"})
 
     def resolve(self) -> "Config":
         """Fill the preset's values into fields left at None and validate."""
@@ -91,6 +96,9 @@ class Config:
         need(self.window >= 2, "window", "must be at least 2 pixels")
         need(self.window_eps > 0, "window_eps", "must be positive")
         need(self.enhancer_weight >= 0, "enhancer_weight", "must not be negative")
+        need((self.knn_train_path is None) == (self.knn_val_path is None), "knn_val_path",
+             "the k-NN monitor needs both knn_train_path and knn_val_path")
+        need(self.knn_interval >= 0, "knn_interval", "must not be negative")
         for k in ("generator_dim", "generator_depth", "generator_heads"):
             need(getattr(self, k) > 0, k, "must be positive")
         need(self.generator_dim % self.generator_heads == 0, "generator_dim", "must be divisible by generator_heads")

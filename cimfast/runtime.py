@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -138,12 +139,29 @@ class Job:
     flops_per_image: float = 0.0  # for MFU; 0: not reported
     picture: Optional[Callable] = None  # (module, path) -> None, called on all ranks
     summary: str = ""
+    on_log: Optional[Callable] = None  # (step, metrics, engine) -> more metrics, at each log interval on all ranks
+    evaluate: Optional[Callable] = None  # (module, step) -> metrics, on all ranks, in eval mode
+    eval_interval: int = 0  # steps between evaluations (and one at the end); 0: only at the end
+    param_groups: Optional[list] = None  # the optimizer's groups (default: no decay on biases and norms)
 
 
-def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig):
+def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Optional[list] = None):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
+    groups = groups or param_groups(model)
+    optimizer = None
+    if ds_cfg.get("optimizer", {}).get("type") == "timm.Lamb":  # DeepSpeed's own Lamb is a CUDA-only extension
+        from timm.optim import Lamb
+
+        if ds_cfg.get("zero_optimization", {}).get("stage", 0):
+            raise InputError("optimizer timm.Lamb needs zero_optimization stage 0: its trust ratio is per tensor, "
+                             "and ZeRO's optimizer would hand it flat shards that mix tensors")
+        params = dict(ds_cfg["optimizer"].get("params", {}))
+        params["betas"] = tuple(params.get("betas", (0.9, 0.999)))
+        ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
+        optimizer = Lamb(groups, **params)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                           optimizer=optimizer, config=ds_cfg)
     remove_clip_sync(engine.optimizer)
     if run.compile:
         engine.compile()
@@ -207,12 +225,36 @@ class Outputs:
             self.job.picture(module, os.path.join(self.run.output_dir, name) if self.rank == 0 else None)
         module.train(was_training)
 
-    def periodic(self, state: dict, step: int) -> None:
+    def evaluate(self, step: int) -> float:
+        """The job's evaluation (k-NN monitor, validation top-1), on all ranks; its time is logged."""
+        if self.job.evaluate is None:
+            return 0.0
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            metrics = self.job.evaluate(module, step)
+        module.train(was_training)
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        if self.rank == 0:
+            self.writer.write(step, metrics)
+            log.info("step %d evaluation: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        return metrics["eval_seconds"]
+
+    def periodic(self, state: dict, step: int) -> float:
+        """Checkpoint, evaluation and picture when due; returns the evaluation's
+        seconds (left out of the next throughput record)."""
         run = self.run
+        spent = 0.0
+        every = self.job.eval_interval
+        if (every and step % every == 0) or step == run.max_steps:
+            spent = self.evaluate(step)
         if run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps:
             self.save(state, step, "interval")
         if run.image_interval and step % run.image_interval == 0:
             self.picture(f"picture_step{step:08d}.png")
+        return spent
 
     def close(self, step: int) -> None:
         if self.bar is not None:
@@ -244,7 +286,7 @@ def nonfinite_stop(in_a_row: int) -> int:
 
 def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
     resume_path = resolve_resume(run)
-    engine = make_engine(job.model, ds_cfg, run)
+    engine = make_engine(job.model, ds_cfg, run, job.param_groups)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     state = {"step": 0, "micro_steps_consumed": 0, "nonfinite_total": 0}
     if resume_path:
@@ -273,12 +315,14 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
             meter.waited(batches.take_wait())
             metrics = meter.report(step, guard.counters())
             metrics.update(log_extras(engine, device))
+            if job.on_log is not None:
+                metrics.update(job.on_log(step, metrics, engine))
             _, in_a_row = guard.read(metrics)
             outputs.show(step, metrics)
             if in_a_row >= run.max_nonfinite:
                 code = nonfinite_stop(in_a_row)
                 break
-        outputs.periodic(state, step)
+        meter.since += outputs.periodic(state, step)
         stopped = stopper.agreed()
 
     state["nonfinite_total"] = guard.total_now()

@@ -7,6 +7,7 @@ rendezvous defaults are filled in). With no data path it pre-trains the
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -21,13 +22,16 @@ from cimfast.cim import CIMModel, build_tokenizer
 from cimfast.cli import parse
 from cimfast.config import Config, RunConfig
 from cimfast.dataloading import build_batches, build_dataset, fixed_batch
-from cimfast.metrics import count_step_flops
+from cimfast.evaluate import LabelledSplits
+from cimfast.metrics import CodeMarginal, ReplacedWatch, count_step_flops
 from cimfast.models.attention import probe
 from cimfast.pictures import save_grid
 from cimfast.preflight import check_run, guarded
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
                              setup_logging, write_config)
 from cimfast.tokenizer import Tokenizer
+
+log = logging.getLogger("cimfast")
 
 
 def main(argv=None) -> int:
@@ -69,8 +73,30 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
     probe(device, torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else
           torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32)
 
+    marginal = CodeMarginal(tokenizer.vocab_size, device)
+    watch = ReplacedWatch(run.max_steps)
+
     def forward(engine, batch, step):
-        return engine(batch["images"], batch["images_tok"], batch["mask"], batch["sample_key"])
+        out = engine(batch["images"], batch["images_tok"], batch["mask"], batch["sample_key"])
+        marginal.add(out.pop("code_counts"))
+        return out
+
+    def on_log(step, metrics, engine):
+        extra = marginal.report(world)
+        extra["gen_gap"] = extra["gen_loss_trivial"] - metrics["gen_loss"]
+        watch.check(step, metrics["replaced_frac"])
+        return extra
+
+    monitor = None
+    if cfg.knn_train_path:  # decoded once, this rank's share kept in memory
+        monitor = LabelledSplits(cfg.knn_train_path, cfg.knn_val_path, cfg.img_size, rank, world, run.cache_dir)
+        log.info("k-NN monitor: %d train and %d val images of %d classes, every %d steps",
+                 monitor.sizes["train"], monitor.sizes["val"], len(monitor.classes), cfg.knn_interval)
+
+    def evaluate(module, step):
+        res = monitor.knn(module.enhancer, device)
+        return {f"knn_top{n}" + ("" if kind in ("mean", "pool") else f"_{kind}"): r[f"top{n}"]
+                for kind, r in res.items() for n in (1, 5)}
 
     def picture(module, path):
         b = {k: v.to(device) for k, v in shown.items()}
@@ -80,7 +106,8 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     return Job(name="cim", model=model, forward=forward, config=settings, picture=picture,
                batches=lambda micro, start: build_batches(dataset, run, micro, start, device, rank, world),
-               flops_per_image=flops["total"],
+               flops_per_image=flops["total"], on_log=on_log,
+               evaluate=evaluate if monitor else None, eval_interval=cfg.knn_interval,
                summary=f"preset {cfg.preset}, objective {cfg.objective}, {flops['total'] / 1e9:.2f} GFLOP per "
                        f"image per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
 

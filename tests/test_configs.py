@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "ds_*.json"))
-                                         if "tokenizer" not in p))
+                                         if "tokenizer" not in p and "finetune" not in p))
 def test_shipped_configs_parse(path):
     cfg, run, ds, _ = parse(["--ds_config", path])
     assert "cimfast" not in ds  # cimfast's section never reaches DeepSpeed
@@ -33,3 +33,17 @@ def test_tokenizer_config_parses():
 
     tcfg, run, ds, _ = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_tokenizer_demo.json")], GROUPS)
     assert "cimfast" not in ds and tcfg.spec().vocab_size == 512 and run.max_steps > 0
+
+
+@pytest.mark.parametrize("name", ["vit_base", "vit_large", "resnet50"])
+def test_finetune_configs_parse_and_name_their_recipe(name):
+    from cimfast.finetune import GROUPS
+
+    fcfg, run, ds, _ = parse(["--ds_config", os.path.join(ROOT, "configs", f"ds_finetune_{name}.json")], GROUPS)
+    assert "cimfast" not in ds and fcfg.recipe and fcfg.epochs in (50, 100, 300)
+    lr = ds["optimizer"]["params"]["lr"]
+    if name.startswith("vit"):  # MAE: lr = base lr x batch / 256
+        assert lr == {"vit_base": 5e-4, "vit_large": 1e-3}[name] * ds["train_batch_size"] / 256
+        assert fcfg.layer_decay == {"vit_base": 0.65, "vit_large": 0.75}[name] and fcfg.mixup == 0.8
+    else:  # ResNet strikes back A2
+        assert ds["optimizer"]["type"] == "timm.Lamb" and lr == 5e-3 and fcfg.bce_loss

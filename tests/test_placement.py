@@ -53,7 +53,7 @@ def init_distributed():
     return 0, 1, META
 
 
-runtime.make_engine = lambda model, ds_cfg, run: Engine(model)
+runtime.make_engine = lambda model, ds_cfg, run, groups=None: Engine(model)
 entry = sys.argv[1]
 if entry == "train":
     from cimfast import train as mod

@@ -12,6 +12,7 @@ import torch
 
 from cimfast import checkpoint
 from cimfast.metrics import read_metrics
+from tests.labelled import make_labelled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -43,14 +44,16 @@ def run_train(args, ranks=1, timeout=600, **popen):
 
 
 def losses(out_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(out_dir)}
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One uninterrupted 1-rank run and one 2-rank run at the same global batch (ZeRO-2, fp32)."""
     tmp = str(tmp_path_factory.mktemp("train"))
-    cfg = ds_config(tmp, "zero2")
+    knn = {"knn_train_path": make_labelled(os.path.join(tmp, "knn_train"), per_class=8),
+           "knn_val_path": make_labelled(os.path.join(tmp, "knn_val"), per_class=3, seed=1), "knn_interval": 3}
+    cfg = ds_config(tmp, "zero2", **knn)
     one = os.path.join(tmp, "one")
     r = run_train(["--ds_config", cfg, "--output_dir", one, "--image_interval", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -106,11 +109,24 @@ def test_outputs_of_a_run(runs):
         assert os.path.isfile(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "tensorboard"))
     assert checkpoint.latest_checkpoint(out).endswith("step_00000006")
-    recs = read_metrics(out)
+    recs = [r for r in read_metrics(out) if "loss" in r]
     assert {"loss", "gen_loss", "enh_loss", "gen_acc", "replaced_frac", "lr", "img_per_s", "data_wait",
-            "grad_norm"} <= set(recs[0])
+            "grad_norm", "enh_loss_trivial", "gen_loss_trivial", "gen_gap"} <= set(recs[0])
+    assert all(r["gen_gap"] == pytest.approx(r["gen_loss_trivial"] - r["gen_loss"]) for r in recs)
     # the loss falls: the generator learns the tokens quickly
     assert recs[-1]["gen_loss"] < recs[0]["gen_loss"]
+
+
+def test_knn_monitor_logs_top1_sharded_over_ranks(runs):
+    """The monitor runs every knn_interval steps and at the end; 2 ranks (each extracting
+    half the images) find the neighbours 1 rank does."""
+    knn = {n: {r["step"]: r for r in read_metrics(runs[n]) if "knn_top1" in r} for n in ("one", "two")}
+    assert sorted(knn["one"]) == [3, 6] and sorted(knn["two"]) == [3, 6]
+    for step in (3, 6):
+        one, two = knn["one"][step], knn["two"][step]
+        assert 0 <= one["knn_top1"] <= 100 and one["knn_top5"] == 100  # 3 classes: top-5 holds them all
+        assert one["knn_top1"] == two["knn_top1"] and one["knn_top1_cls"] == two["knn_top1_cls"]
+        assert one["eval_seconds"] > 0
 
 
 def test_zero3_two_ranks_and_export(runs, tmp_path):

@@ -77,6 +77,11 @@ class ResNetEnhancer(nn.Module):
         f = F.gelu(f).flatten(2).transpose(1, 2)  # [B, N, neck_dim]
         return self.head(f)
 
+    def features(self, x: torch.Tensor) -> dict:
+        """Image-level features for evaluation: the last stage globally average-pooled (timm's ``resnet50`` features)."""
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return {"pool": self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))}
+
     def timm_state_dict(self) -> dict:
         return {k: v for k, v in self.state_dict().items()
                 if not k.startswith(("neck.", "head."))}

@@ -129,6 +129,12 @@ class ViTEnhancer(nn.Module):
         feats = self.backbone.forward_tokens(self.backbone.patch_embed(x))
         return self.head(feats[:, 1:])
 
+    def features(self, x: torch.Tensor) -> dict:
+        """Image-level features for evaluation: the [CLS] token and the mean of
+        the patch tokens, both after the final norm."""
+        feats = self.backbone.forward_tokens(self.backbone.patch_embed(x))
+        return {"mean": feats[:, 1:].mean(1), "cls": feats[:, 0]}
+
     def timm_state_dict(self) -> dict:
         """The backbone under timm's names (no classifier head)."""
         return {k: v for k, v in self.backbone.state_dict().items()}

@@ -1,0 +1,402 @@
+"""Measure what pre-training learned: k-NN and linear probe on the frozen enhancer.
+
+    python -m cimfast.evaluate knn --model outputs/cim-demo --train_path demo --val_path demo
+    python -m cimfast.evaluate linear --model enhancer.safetensors --train_path /data/train --val_path /data/val
+    deepspeed cimfast/evaluate.py knn --model ... (feature extraction is sharded over the ranks)
+
+``--model``: a checkpoint folder, an output directory (its latest
+checkpoint), a file written by ``python -m cimfast.export``, or ``random``
+(a freshly initialized enhancer of ``--preset``: the baseline to beat).
+``--train_path`` / ``--val_path``: folders with one subfolder of images per
+class (validated like pre-training data: bad files are left out and
+counted), or ``demo``: scikit-learn's handwritten digits (1,797 images, 10
+classes; 1,347 train and 450 val), written once as PNG files.
+
+Features (every kind is reported): ViT: ``mean``, the mean of the patch
+tokens after the final norm, and ``cls``, the [CLS] token after it; ResNet:
+``pool``, the last stage globally average-pooled. Images are resized so the
+shorter side is ``img_size / 0.875`` and centre-cropped to ``img_size``
+(DINO's and MAE's evaluation transform), normalized with ImageNet's mean
+and standard deviation, as in pre-training.
+
+k-NN: DINO's weighted k-NN (Caron et al. 2021, ``eval_knn.py``): cosine
+similarity of L2-normalized features, the k = 20 nearest training images
+vote with weight exp(similarity / 0.07).
+
+Linear probe: MAE's (He et al. 2022, appendix A.2): BatchNorm without
+affine parameters, then a linear layer, base learning rate 0.1 scaled by
+batch / 256, no weight decay, 90 epochs with 10 of linear warmup and a
+cosine schedule. On cached features (no augmentation) and with SGD with
+momentum 0.9 instead of LARS (for a single layer LARS' trust ratio only
+rescales the step); MAE's batch is 16,384, here 256 by default for small sets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from types import SimpleNamespace
+from typing import Optional
+
+if __name__ == "__main__" and not __package__:
+    import _script_path  # noqa: F401  (sys.path set-up for running as a script)
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cimfast.config import InputError
+
+log = logging.getLogger("cimfast")
+EVAL_CROP = 0.875  # resize to size / 0.875, centre crop (224 from 256)
+
+
+def demo_digits(split: str, cache_dir: Optional[str] = None) -> str:
+    """scikit-learn's digits (8 x 8, 17 grey levels) written once as 64 x 64
+    PNG files in class folders; every 4th image is in ``val``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from cimfast.pipelines.demo import default_cache_dir
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {split!r}")
+    root = os.path.join(cache_dir or default_cache_dir(), "demo-digits", split)
+    done = os.path.join(root, ".complete")
+    if not os.path.isfile(done):
+        d = load_digits()
+        for i, (img, y) in enumerate(zip(d.images, d.target)):
+            if (i % 4 == 0) != (split == "val"):
+                continue
+            os.makedirs(os.path.join(root, str(y)), exist_ok=True)
+            a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
+            Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(root, str(y), f"{i:04d}.png"))
+        open(done, "w").close()
+    return root
+
+
+def labelled_files(path: str, cache_dir: Optional[str] = None) -> tuple[list, list, list]:
+    """(files, labels, class names) of a folder with one subfolder per class
+    (``demo``: the digits); bad files are left out and counted."""
+    from cimfast.pipelines.validate import validate
+
+    if path in ("demo", "demo:train", "demo:val"):
+        raise InputError("pass demo for both --train_path and --val_path (the train and val digits)")
+    if not os.path.isdir(path):
+        raise InputError(f"{path} is not a folder (one subfolder of images per class expected)")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise InputError(f"{path} has no class subfolders (one subfolder of images per class expected)")
+    try:
+        v = validate(path, cache_dir=cache_dir)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    root = os.path.abspath(path)
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for f in v.files:
+        top = os.path.relpath(f, root).split(os.sep)[0]
+        if top in index:
+            files.append(f)
+            labels.append(index[top])
+    if v.summary["bad"]:
+        log.warning("%s: %d of %d files left out (not decodable); see %s", path, v.summary["bad"],
+                    v.summary["total"], os.path.splitext(v.clean_list)[0] + ".summary.json")
+    if not files:
+        raise InputError(f"{path}: no usable images in its class subfolders")
+    return files, labels, classes
+
+
+def resolve_paths(train_path: str, val_path: str, cache_dir: Optional[str] = None) -> tuple[str, str]:
+    if (train_path == "demo") != (val_path == "demo"):
+        raise InputError("--train_path and --val_path: demo must be given for both or neither")
+    if train_path == "demo":
+        return demo_digits("train", cache_dir), demo_digits("val", cache_dir)
+    return train_path, val_path
+
+
+def eval_view(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, size, size]: shorter side to size / 0.875, centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    img = TF.resize(img, int(round(size / EVAL_CROP)), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, files: list, labels: list, size: int):
+        self.files, self.labels, self.size = files, labels, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from cimfast.pipelines.datasets import decode_file
+
+        return eval_view(decode_file(self.files[i]), self.size), self.labels[i]
+
+
+def load_views(files: list, labels: list, size: int, num_workers: int = 0, rank: int = 0,
+               world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share (every ``world``-th image, padded to equal length) as
+    uint8 views, their labels and their global indices (-1: padding)."""
+    n = len(files)
+    per = math.ceil(n / world)
+    idx = [rank + j * world for j in range(per)]
+    real = torch.tensor([i if i < n else -1 for i in idx])
+    ds = LabelledImages(files, labels, size)
+    sub = torch.utils.data.Subset(ds, [i if i < n else n - 1 for i in idx])
+    dl = torch.utils.data.DataLoader(sub, batch_size=64, num_workers=num_workers)
+    views, ys = zip(*dl)
+    return torch.cat(views), torch.cat(ys), real
+
+
+IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def extract(enhancer: nn.Module, views: torch.Tensor, device: torch.device, batch: int = 128) -> dict:
+    """Features of uint8 ``views`` [n, 3, S, S] (float32 on the CPU), the enhancer in eval mode."""
+    was = enhancer.training
+    enhancer.eval()
+    dtype = next(enhancer.parameters()).dtype
+    mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
+    out: dict = {}
+    for i in range(0, len(views), batch):
+        x = (views[i:i + batch].to(device).float() / 255 - mean) / std
+        for k, v in enhancer.features(x.to(dtype)).items():
+            out.setdefault(k, []).append(v.float().cpu())
+    enhancer.train(was)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def gather(feats: dict, labels: torch.Tensor, real: torch.Tensor, world: int, device: torch.device):
+    """Every rank's share, in the original order, on every rank."""
+    if world == 1:
+        keep = real >= 0
+        return {k: v[keep] for k, v in feats.items()}, labels[keep]
+    keys = sorted(feats)
+    local = torch.cat([feats[k] for k in keys] + [labels[:, None].float(), real[:, None].float()], 1).to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    allv = torch.cat(parts).cpu()
+    allv = allv[allv[:, -1] >= 0]
+    allv = allv[allv[:, -1].argsort()]
+    out, at = {}, 0
+    for k in keys:
+        d = feats[k].shape[1]
+        out[k] = allv[:, at:at + d]
+        at += d
+    return out, allv[:, -2].long()
+
+
+def knn_classify(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 256) -> dict:
+    """DINO's weighted k-NN: top-1 and top-5 accuracy (%) of ``val``."""
+    train, val = F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1)
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    k = min(k, len(train))
+    top1 = top5 = 0.0
+    for i in range(0, len(val), chunk):
+        sim, nn_idx = (val[i:i + chunk] @ train.t()).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_y[nn_idx], weights)
+        pred = votes.argsort(1, descending=True)
+        y = val_y[i:i + chunk, None]
+        top1 += (pred[:, :1] == y).any(1).float().sum().item()
+        top5 += (pred[:, :min(5, classes)] == y).any(1).float().sum().item()
+    return {"top1": 100 * top1 / len(val), "top5": 100 * top5 / len(val)}
+
+
+def linear_probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
+                 epochs: int = 90, warmup_epochs: int = 10, base_lr: float = 0.1, batch: int = 256,
+                 weight_decay: float = 0.0, seed: int = 0) -> dict:
+    """MAE's linear probe on cached features (see the module's text): top-1/top-5 (%) on ``val``."""
+    g = torch.Generator().manual_seed(seed)
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    head = nn.Sequential(nn.BatchNorm1d(train.shape[1], affine=False, eps=1e-6), nn.Linear(train.shape[1], classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)  # MAE's head init
+    nn.init.zeros_(head[1].bias)
+    batch = min(batch, len(train))
+    lr = base_lr * batch / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    per_epoch = len(train) // batch
+    total = epochs * per_epoch
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=g)
+        for j in range(per_epoch):
+            t = step / per_epoch
+            scale = t / warmup_epochs if t < warmup_epochs else \
+                0.5 * (1 + math.cos(math.pi * (step - warmup_epochs * per_epoch) / max(1, total - warmup_epochs * per_epoch)))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            b = order[j * batch:(j + 1) * batch]
+            loss = F.cross_entropy(head(train[b].float()), train_y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        pred = head(val.float()).argsort(1, descending=True)
+    y = val_y[:, None]
+    return {"top1": 100 * (pred[:, :1] == y).any(1).float().mean().item(),
+            "top5": 100 * (pred[:, :min(5, classes)] == y).any(1).float().mean().item()}
+
+
+class LabelledSplits:
+    """A labelled train and val set, decoded once (this rank's share, uint8 in
+    memory), whose features are compared with k-NN or a linear probe."""
+
+    def __init__(self, train_path: str, val_path: str, size: int, rank: int = 0, world: int = 1,
+                 cache_dir: Optional[str] = None, num_workers: int = 0):
+        train_path, val_path = resolve_paths(train_path, val_path, cache_dir)
+        self.rank, self.world = rank, world
+        self.splits = {}
+        for name, path in (("train", train_path), ("val", val_path)):
+            files, labels, classes = labelled_files(path, cache_dir)
+            self.splits[name] = load_views(files, labels, size, num_workers, rank, world)
+            if name == "train":
+                self.classes = classes
+            elif classes != self.classes:
+                raise InputError(f"{val_path}: its class folders differ from those of {train_path}")
+        self.sizes = {k: int((v[2] >= 0).sum()) for k, v in self.splits.items()}
+
+    def features(self, enhancer: nn.Module, device: torch.device) -> dict:
+        """{split: (features by kind, labels)} on every rank."""
+        out = {}
+        for name, (views, labels, real) in self.splits.items():
+            out[name] = gather(extract(enhancer, views, device), labels, real, self.world, device)
+        return out
+
+    def knn(self, enhancer: nn.Module, device: torch.device, k: int = 20, temperature: float = 0.07) -> dict:
+        f = self.features(enhancer, device)
+        (tr, ty), (va, vy) = f["train"], f["val"]
+        return {kind: knn_classify(tr[kind], ty, va[kind], vy, k, temperature) for kind in tr}
+
+
+def load_enhancer(model: str, preset: str = "tiny", seed: int = 0) -> tuple[nn.Module, dict]:
+    """The enhancer of a checkpoint, an output directory, an exported file or
+    ``random`` (``preset``'s, freshly initialized), and its settings."""
+    from cimfast import checkpoint
+    from cimfast.cim import build_enhancer
+    from cimfast.config import Config
+
+    if model == "random":
+        cfg = Config(preset=preset)
+        cfg.resolve()
+        torch.manual_seed(seed)
+        return build_enhancer(cfg), {"model": f"random init ({preset})", **vars(cfg)}
+    if os.path.isfile(model):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(model, "pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise InputError(f"{model} is not a safetensors file ({e})") from None
+        if "config" not in meta:
+            raise InputError(f"{model} was not written by python -m cimfast.export (no config in its metadata)")
+        cfg = {**json.loads(meta["config"]), "img_size": int(meta["img_size"]), "patch_size": int(meta["patch_size"])}
+        if meta.get("layout", "timm") != "timm":
+            raise InputError(f"{model} is in the {meta['layout']} layout: export it with --layout timm to evaluate it")
+        enhancer = build_enhancer(SimpleNamespace(grad_checkpointing=False, **cfg))
+        target = enhancer.backbone if cfg["enhancer"] == "vit" else enhancer
+        missing, unexpected = target.load_state_dict(sd, strict=False)
+        if unexpected or [m for m in missing if not m.startswith(("neck.", "head."))]:
+            raise InputError(f"{model} does not match its architecture: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return enhancer, {"model": model, **cfg}
+    if not os.path.isdir(model):
+        raise InputError(f"--model {model}: neither a checkpoint folder, an output directory, a file nor 'random'")
+    from cimfast.export import full_state_dict
+
+    ckpt = checkpoint.latest_checkpoint(model) if os.path.isdir(os.path.join(model, "checkpoints")) else model
+    if ckpt is None or not os.path.isfile(os.path.join(ckpt, "cimfast_state.json")):
+        raise InputError(f"--model {model}: no finished checkpoint there")
+    cfg = checkpoint.read_state(ckpt)["config"]
+    enhancer = build_enhancer(SimpleNamespace(**{**cfg, "grad_checkpointing": False}))
+    sd = {k[len("enhancer."):]: v for k, v in full_state_dict(ckpt).items() if k.startswith("enhancer.")}
+    enhancer.load_state_dict(sd, strict=True)
+    return enhancer, {"model": ckpt, **cfg}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cimfast.evaluate", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="protocol", required=True)
+    for name, what in (("knn", "weighted k-NN (DINO)"), ("linear", "linear probe (MAE), on cached features")):
+        s = sub.add_parser(name, help=what, description=f"{what} on the frozen enhancer's features.")
+        s.add_argument("--model", required=True,
+                       help="checkpoint folder, output directory, exported .safetensors, or random")
+        s.add_argument("--preset", default="tiny", help="with --model random: whose enhancer (default: tiny)")
+        s.add_argument("--train_path", required=True, help="labelled train folder (class subfolders), or demo")
+        s.add_argument("--val_path", required=True, help="labelled val folder (class subfolders), or demo")
+        s.add_argument("--num_workers", type=int, default=2, help="decoding workers (default: 2)")
+        s.add_argument("--cache_dir", default=None, help="validation and demo cache (default: ~/.cache/cimfast)")
+        s.add_argument("--seed", type=int, default=0, help="random init and probe seed (default: 0)")
+        s.add_argument("--out", default=None, help="also write the results to this JSON file")
+        s.add_argument("--debug", action="store_true", help="tracebacks for input errors")
+        if name == "knn":
+            s.add_argument("--k", type=int, default=20, help="neighbours (default: 20, DINO)")
+            s.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default: 0.07, DINO)")
+        else:
+            s.add_argument("--epochs", type=int, default=90, help="epochs (default: 90, MAE)")
+            s.add_argument("--warmup_epochs", type=int, default=10, help="linear warmup epochs (default: 10, MAE)")
+            s.add_argument("--lr", type=float, default=0.1, help="base lr, scaled by batch/256 (default: 0.1, MAE)")
+            s.add_argument("--batch_size", type=int, default=256, help="probe batch (default: 256; MAE: 16384)")
+            s.add_argument("--weight_decay", type=float, default=0.0, help="(default: 0, MAE)")
+    return p
+
+
+def evaluate(a: argparse.Namespace) -> int:
+    from cimfast.runtime import finish, init_distributed
+
+    if a.protocol == "knn" and (a.k < 1 or a.temperature <= 0):
+        raise InputError("--k must be positive and --temperature above 0")
+    if a.protocol == "linear" and (a.epochs < 1 or a.batch_size < 1 or a.lr <= 0):
+        raise InputError("--epochs, --batch_size and --lr must be positive")
+    enhancer, cfg = load_enhancer(a.model, a.preset, a.seed)
+    rank, world, device = init_distributed()
+    splits = LabelledSplits(a.train_path, a.val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)
+    enhancer.to(device)
+    feats = splits.features(enhancer, device)
+    (tr, ty), (va, vy) = feats["train"], feats["val"]
+    if a.protocol == "knn":
+        results = {kind: knn_classify(tr[kind], ty, va[kind], vy, a.k, a.temperature) for kind in tr}
+        settings = {"k": a.k, "temperature": a.temperature}
+    else:
+        results = {kind: linear_probe(tr[kind], ty, va[kind], vy, a.epochs, a.warmup_epochs, a.lr, a.batch_size,
+                                      a.weight_decay, a.seed) for kind in tr}
+        settings = {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "base_lr": a.lr,
+                    "batch_size": a.batch_size, "weight_decay": a.weight_decay}
+    report = {"protocol": a.protocol, "model": cfg["model"], "train_images": splits.sizes["train"],
+              "val_images": splits.sizes["val"], "classes": len(splits.classes), "settings": settings,
+              "results": results, "ranks": world}
+    if rank == 0:
+        print(json.dumps(report, indent=1))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(report, f, indent=1)
+    finish()
+    return 0
+
+
+def main(argv=None) -> int:
+    from cimfast.preflight import guarded
+    from cimfast.runtime import setup_logging
+
+    setup_logging()
+    a = build_parser().parse_args(argv)
+    return guarded(lambda: evaluate(a), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

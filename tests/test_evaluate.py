@@ -1,0 +1,165 @@
+"""Evaluation: k-NN and linear probe against references, the CLI, and the
+metrics that show CIM working, against hand-computed values."""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cimfast.config import InputError
+from cimfast.evaluate import knn_classify, labelled_files, linear_probe, load_enhancer
+from cimfast.kernels.pixel_loss import window_normalize
+from cimfast.metrics import (CodeMarginal, ReplacedWatch, balanced_accuracy, code_counts, entropy_of_counts,
+                             trivial_accuracy)
+from tests.labelled import make_labelled
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def brute_force_knn(train, train_y, val, val_y, k, T):
+    """DINO's weighted vote, one query at a time, with Python loops."""
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    hits1 = hits5 = 0
+    for v, y in zip(val, val_y):
+        sims = [(float(F.cosine_similarity(v, t, dim=0)), int(c)) for t, c in zip(train, train_y)]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * classes
+        for s, c in sims[:k]:
+            votes[c] += torch.exp(torch.tensor(s / T, dtype=torch.float64)).item()
+        order = sorted(range(classes), key=lambda c: -votes[c])
+        hits1 += order[0] == int(y)
+        hits5 += int(y) in order[:5]
+    return {"top1": 100 * hits1 / len(val), "top5": 100 * hits5 / len(val)}
+
+
+def test_knn_equals_a_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(8, 16, generator=g)
+    train_y = torch.randint(0, 8, (120,), generator=g)
+    val_y = torch.randint(0, 8, (40,), generator=g)
+    train = centers[train_y] + 1.5 * torch.randn(120, 16, generator=g)
+    val = centers[val_y] + 1.5 * torch.randn(40, 16, generator=g)
+    for k, T in ((20, 0.07), (5, 0.5)):
+        got = knn_classify(train, train_y, val, val_y, k, T, chunk=7)
+        ref = brute_force_knn(train, train_y, val, val_y, k, T)
+        assert got == pytest.approx(ref), (k, T)
+        assert 20 < got["top1"] < 100 and got["top5"] > got["top1"]  # neither trivial nor perfect
+
+
+def test_linear_probe_learns_a_linearly_separable_set_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 4, generator=g)
+    x = torch.randn(600, 32, generator=g) * 3 + 5  # offset and scale: the BatchNorm must handle them
+    y = (x - 5).matmul(w).argmax(1)
+    fit = linear_probe(x[:400], y[:400], x[:400], y[:400], epochs=30, warmup_epochs=3, batch=32, base_lr=1.0)
+    assert fit["top1"] > 98  # separable: the probe fits it
+    held = linear_probe(x[:400], y[:400], x[400:], y[400:], epochs=30, warmup_epochs=3, batch=32, base_lr=1.0)
+    assert held["top1"] > 80
+    noise = linear_probe(x[:400], torch.randint(0, 4, (400,), generator=g), x[400:],
+                         torch.randint(0, 4, (200,), generator=g), epochs=30, warmup_epochs=3, batch=64)
+    assert noise["top1"] < 40  # chance is 25 %
+
+
+def test_labelled_folders_name_their_classes_and_refuse_flat_folders(tmp_path):
+    make_labelled(tmp_path / "ok", classes=3, per_class=4)
+    (tmp_path / "ok" / "class_1" / "broken.png").write_bytes(b"not a png")
+    files, labels, classes = labelled_files(str(tmp_path / "ok"), cache_dir=str(tmp_path / "cache"))
+    assert classes == ["class_0", "class_1", "class_2"] and len(files) == 12  # the broken file is left out
+    assert labels == [0] * 4 + [1] * 4 + [2] * 4
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (tmp_path / "ok" / "class_0" / "000.png").rename(flat / "a.png")
+    with pytest.raises(InputError, match="no class subfolders"):
+        labelled_files(str(flat))
+    with pytest.raises(InputError, match="not a folder"):
+        labelled_files(str(tmp_path / "missing"))
+
+
+def test_metric_helpers_against_hand_computed_values():
+    pred = torch.tensor([1, 1, 0, 0, 0, 1], dtype=torch.bool)
+    target = torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    # TPR 2/3, TNR 2/3 -> 2/3; a constant prediction scores 0.5 whatever the class balance
+    assert balanced_accuracy(pred, target).item() == pytest.approx(2 / 3)
+    assert balanced_accuracy(torch.ones(6, dtype=torch.bool), target).item() == pytest.approx(0.5)
+    assert torch.isnan(balanced_accuracy(pred, torch.ones(6, dtype=torch.bool)))  # no negatives: undefined
+    assert trivial_accuracy(torch.tensor([1.0, 1, 1, 0])).item() == pytest.approx(0.75)
+    assert code_counts(torch.tensor([[2, 0], [2, 3]]), 5).tolist() == [1, 0, 2, 1, 0]
+    assert entropy_of_counts(torch.tensor([1.0, 1, 2, 0])) == pytest.approx(-(2 * 0.25 * torch.log(torch.tensor(0.25)) + 0.5 * torch.log(torch.tensor(0.5))).item())
+    assert entropy_of_counts(torch.tensor([0.0, 7, 0])) == pytest.approx(0.0)
+    m = CodeMarginal(4, torch.device("cpu"))
+    m.add(code_counts(torch.tensor([0, 1]), 4))
+    m.add(code_counts(torch.tensor([2, 3]), 4))
+    assert m.report(1)["gen_loss_trivial"] == pytest.approx(torch.log(torch.tensor(4.0)).item())
+
+
+def test_replaced_watch_warns_once_on_a_long_stretch_only(caplog):
+    caplog.set_level(logging.WARNING, logger="cimfast")
+    w = ReplacedWatch(max_steps=100)
+    assert [w.check(s, f) for s, f in ((10, 0.99), (20, 0.99), (30, 0.5), (40, 0.99))] == [None] * 4  # short
+    msgs = [w.check(s, 0.995) for s in range(50, 100, 10)]  # near 1 since step 40: warns at 65+ (25 steps, 3 records)
+    assert [m is not None for m in msgs] == [False, False, True, False, False]
+    assert "near 1 since step 40" in msgs[2]
+    w2 = ReplacedWatch(max_steps=100)
+    assert [w2.check(s, 0.01) for s in (10, 20, 30, 40)][-1] is not None  # near 0 too
+    assert len([r for r in caplog.records if "replaced_frac" in r.message]) == 2
+
+
+@pytest.mark.parametrize("objective", ["respix", "revdet"])
+def test_the_step_reports_trivial_baselines(objective):
+    from cimfast.cim import CIMModel
+    from cimfast.config import Config
+    from cimfast.masking import BlockMaskGenerator
+    from cimfast.tokenizer import TINY_SPEC, Tokenizer
+    import numpy as np
+
+    cfg = Config(preset="tiny", objective=objective, img_size=64, num_masked=6, min_block=2)
+    cfg.resolve()
+    model = CIMModel(cfg, Tokenizer(TINY_SPEC))
+    images = torch.rand(3, 3, 64, 64)
+    gen = BlockMaskGenerator(cfg.grid, cfg.num_masked, cfg.min_block)
+    mask = torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(3)]).reshape(3, -1))
+    out = model(images, F.interpolate(images, size=cfg.tok_size), mask)
+    assert out["code_counts"].shape == (512,) and out["code_counts"].sum() == 3 * cfg.num_masked
+    if objective == "respix":
+        target, _, _ = window_normalize(images, cfg.window, cfg.window_eps)
+        assert out["enh_loss_trivial"].item() == pytest.approx((target ** 2).mean().item(), rel=1e-4)
+    else:
+        assert 0.0 <= out["det_bal_acc"].item() <= 1.0 or torch.isnan(out["det_bal_acc"])
+        assert out["det_acc_trivial"].item() >= 0.5
+
+
+def test_evaluate_cli_random_and_exported_give_the_same_features(tmp_path):
+    """``--help``; k-NN of a random-init enhancer; the same weights exported and read back give the same numbers."""
+    r = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "knn", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, env=ENV)
+    assert r.returncode == 0 and "--train_path" in r.stdout
+    train = make_labelled(tmp_path / "train", per_class=10)
+    val = make_labelled(tmp_path / "val", per_class=4, seed=1)
+    enhancer, cfg = load_enhancer("random", "tiny", seed=3)
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "enh.safetensors")
+    save_file(enhancer.timm_state_dict(), path, metadata={
+        "config": json.dumps({k: cfg[k] for k in ("enhancer", "enhancer_dim", "enhancer_depth", "enhancer_heads",
+                                                  "resnet_layers", "resnet_width", "objective")}),
+        "img_size": str(cfg["img_size"]), "patch_size": str(cfg["patch_size"])})
+    reports = []
+    for model in ("random", path):
+        out = str(tmp_path / f"{len(reports)}.json")
+        r = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "knn", "--model", model, "--seed", "3",
+                            "--train_path", train, "--val_path", val, "--num_workers", "0", "--out", out,
+                            "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT,
+                           env=ENV, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reports.append(json.load(open(out)))
+    assert reports[0]["results"] == reports[1]["results"]
+    assert set(reports[0]["results"]) == {"mean", "cls"} and reports[0]["val_images"] == 12
+    assert reports[0]["results"]["mean"]["top1"] > 50  # the colours separate even for random features
+    bad = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "linear", "--model", str(tmp_path / "nope"),
+                          "--train_path", train, "--val_path", val], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
