@@ -259,15 +259,15 @@ class LabelledSplits:
                  cache_dir: Optional[str] = None, num_workers: int = 0):
         train_path, val_path = resolve_paths(train_path, val_path, cache_dir)
         self.rank, self.world = rank, world
-        self.splits = {}
+        self.splits, self.sizes = {}, {}
         for name, path in (("train", train_path), ("val", val_path)):
             files, labels, classes = labelled_files(path, cache_dir)
             self.splits[name] = load_views(files, labels, size, num_workers, rank, world)
+            self.sizes[name] = len(files)
             if name == "train":
                 self.classes = classes
             elif classes != self.classes:
                 raise InputError(f"{val_path}: its class folders differ from those of {train_path}")
-        self.sizes = {k: int((v[2] >= 0).sum()) for k, v in self.splits.items()}
 
     def features(self, enhancer: nn.Module, device: torch.device) -> dict:
         """{split: (features by kind, labels)} on every rank."""
@@ -331,6 +331,7 @@ def load_enhancer(model: str, preset: str = "tiny", seed: int = 0) -> tuple[nn.M
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cimfast.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     sub = p.add_subparsers(dest="protocol", required=True)
     for name, what in (("knn", "weighted k-NN (DINO)"), ("linear", "linear probe (MAE), on cached features")):
         s = sub.add_parser(name, help=what, description=f"{what} on the frozen enhancer's features.")
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0, help="random init and probe seed (default: 0)")
         s.add_argument("--out", default=None, help="also write the results to this JSON file")
         s.add_argument("--debug", action="store_true", help="tracebacks for input errors")
+        s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
         if name == "knn":
             s.add_argument("--k", type=int, default=20, help="neighbours (default: 20, DINO)")
             s.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default: 0.07, DINO)")

@@ -163,3 +163,22 @@ def test_evaluate_cli_random_and_exported_give_the_same_features(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "linear", "--model", str(tmp_path / "nope"),
                           "--train_path", train, "--val_path", val], capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_evaluate_under_the_deepspeed_launcher_matches_one_rank(tmp_path):
+    """Two ranks each extract half the images (the last one padded); gathered, they give one rank's results."""
+    from tests.test_signals import _free_port
+
+    train = make_labelled(tmp_path / "train", per_class=7)  # 21 images: uneven shards
+    val = make_labelled(tmp_path / "val", per_class=3, seed=1)
+    args = ["knn", "--model", "random", "--seed", "1", "--k", "5", "--train_path", train, "--val_path", val,
+            "--num_workers", "0", "--cache_dir", str(tmp_path / "cache")]
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "cimfast", "evaluate.py"), *args, "--out",
+                          str(tmp_path / "one.json")], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+                          "--master_port", _free_port(), os.path.join(ROOT, "cimfast", "evaluate.py"), *args, "--out",
+                          str(tmp_path / "two.json")], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
+    assert b["ranks"] == 2 and b["train_images"] == 21 and a["results"] == b["results"]
