@@ -22,6 +22,9 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
         "pillow>=9.0",
+        "timm>=1.0",  # fine-tuning (transforms, mixup, losses, layer decay), timm-named weights
+        "torchvision>=0.19",
+        "scikit-learn>=1.2",  # the demo's labelled digits and sample photos
         "matplotlib>=3.6",
         "scikit-image>=0.21",  # its sample photographs are the demo data
     ],
@@ -30,7 +33,8 @@ setup(
         "dali-cuda13": ["nvidia-dali-cuda130>=1.50"],
         "dali-cuda12": ["nvidia-dali-cuda120>=1.40"],
         "xformers": ["xformers>=0.0.28"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "timm>=0.9", "torchvision>=0.19", "scikit-learn>=1.2", "psutil>=5.9"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["cimfast-train=cimfast.train:main", "cimfast-export=cimfast.export:main"]},
+    entry_points={"console_scripts": ["cimfast-train=cimfast.train:main", "cimfast-export=cimfast.export:main",
+                                      "cimfast-evaluate=cimfast.evaluate:main", "cimfast-finetune=cimfast.finetune:main"]},
 )

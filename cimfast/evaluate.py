@@ -23,12 +23,19 @@ k-NN: DINO's weighted k-NN (Caron et al. 2021, ``eval_knn.py``): cosine
 similarity of L2-normalized features, the k = 20 nearest training images
 vote with weight exp(similarity / 0.07).
 
-Linear probe: MAE's (He et al. 2022, appendix A.2): BatchNorm without
-affine parameters, then a linear layer, base learning rate 0.1 scaled by
-batch / 256, no weight decay, 90 epochs with 10 of linear warmup and a
-cosine schedule. On cached features (no augmentation) and with SGD with
-momentum 0.9 instead of LARS (for a single layer LARS' trust ratio only
-rescales the step); MAE's batch is 16,384, here 256 by default for small sets.
+Linear probe: MAE's (He et al. 2022, appendix A.2, and its ``main_linprobe.py``):
+BatchNorm without affine parameters, then a linear layer (weights drawn
+with std 0.01), base learning rate 0.1 scaled by batch / 256, momentum 0.9,
+no weight decay, 90 epochs with 10 of linear warmup and a cosine schedule.
+It trains on cached features (MAE augments with random resized crops and
+flips). MAE's optimizer is LARS (trust coefficient 0.001) at batch 16,384,
+an lr of 6.4: ``--optimizer lars --batch_size 16384`` is that recipe. At
+small batches LARS' steps (0.001 x |w| x lr) barely move the head (on a
+separable toy set: 35 % after 360 steps against 98 % for SGD), so the
+default is SGD with momentum and batch 256, the same base lr.
+
+The comparison runs on rank 0, on the device; the features are extracted
+on every rank and gathered.
 """
 from __future__ import annotations
 
@@ -37,7 +44,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from types import SimpleNamespace
 from typing import Optional
 
@@ -67,16 +76,23 @@ def demo_digits(split: str, cache_dir: Optional[str] = None) -> str:
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, got {split!r}")
     root = os.path.join(cache_dir or default_cache_dir(), "demo-digits", split)
-    done = os.path.join(root, ".complete")
-    if not os.path.isfile(done):
-        d = load_digits()
-        for i, (img, y) in enumerate(zip(d.images, d.target)):
-            if (i % 4 == 0) != (split == "val"):
-                continue
-            os.makedirs(os.path.join(root, str(y)), exist_ok=True)
-            a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
-            Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(root, str(y), f"{i:04d}.png"))
-        open(done, "w").close()
+    if os.path.isdir(root):
+        return root
+    # written into a private folder and renamed into place: ranks that race here
+    # never see a half-written set (the loser of the rename drops its copy)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=os.path.dirname(root))
+    d = load_digits()
+    for i, (img, y) in enumerate(zip(d.images, d.target)):
+        if (i % 4 == 0) != (split == "val"):
+            continue
+        os.makedirs(os.path.join(tmp, str(y)), exist_ok=True)
+        a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
+        Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(tmp, str(y), f"{i:04d}.png"))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another rank was first
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -141,19 +157,32 @@ class LabelledImages(torch.utils.data.Dataset):
         return eval_view(decode_file(self.files[i]), self.size), self.labels[i]
 
 
-def load_views(files: list, labels: list, size: int, num_workers: int = 0, rank: int = 0,
-               world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's share (every ``world``-th image, padded to equal length) as
-    uint8 views, their labels and their global indices (-1: padding)."""
-    n = len(files)
-    per = math.ceil(n / world)
-    idx = [rank + j * world for j in range(per)]
-    real = torch.tensor([i if i < n else -1 for i in idx])
-    ds = LabelledImages(files, labels, size)
-    sub = torch.utils.data.Subset(ds, [i if i < n else n - 1 for i in idx])
-    dl = torch.utils.data.DataLoader(sub, batch_size=64, num_workers=num_workers)
-    views, ys = zip(*dl)
-    return torch.cat(views), torch.cat(ys), real
+def shard(n: int, rank: int, world: int) -> tuple[list, torch.Tensor]:
+    """This rank's share of ``n`` items (every ``world``-th, padded with the last
+    item to equal length on every rank) and their global indices (-1: padding)."""
+    idx = [rank + j * world for j in range(math.ceil(n / world))]
+    return [min(i, n - 1) for i in idx], torch.tensor([i if i < n else -1 for i in idx])
+
+
+class ViewSource:
+    """This rank's share of a labelled set as uint8 evaluation views: decoded
+    once and kept in memory when they fit ``cache_bytes`` (the k-NN monitor's
+    small sets), else decoded again at each pass (a one-off evaluation)."""
+
+    def __init__(self, files: list, labels: list, size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
+                 cache_bytes: int = 0):
+        picks, self.index = shard(len(files), rank, world)
+        self.labels = torch.tensor([labels[i] for i in picks])
+        self.data = torch.utils.data.Subset(LabelledImages(files, labels, size), picks)
+        self.num_workers, self.cached = num_workers, None
+        if len(picks) * 3 * size * size <= cache_bytes:
+            self.cached = torch.cat([v for v, _ in self.batches()])
+
+    def batches(self, batch: int = 64):
+        if self.cached is not None:
+            yield from ((self.cached[i:i + batch], None) for i in range(0, len(self.cached), batch))
+            return
+        yield from torch.utils.data.DataLoader(self.data, batch_size=batch, num_workers=self.num_workers)
 
 
 IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
@@ -161,108 +190,136 @@ IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
 @torch.no_grad()
-def extract(enhancer: nn.Module, views: torch.Tensor, device: torch.device, batch: int = 128) -> dict:
-    """Features of uint8 ``views`` [n, 3, S, S] (float32 on the CPU), the enhancer in eval mode."""
+def extract(enhancer: nn.Module, source: ViewSource, device: torch.device) -> dict:
+    """Features (float32, on ``device``) of this rank's views, the enhancer in eval mode."""
     was = enhancer.training
     enhancer.eval()
     dtype = next(enhancer.parameters()).dtype
     mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
     out: dict = {}
-    for i in range(0, len(views), batch):
-        x = (views[i:i + batch].to(device).float() / 255 - mean) / std
+    for views, _ in source.batches():
+        x = (views.to(device).float() / 255 - mean) / std
         for k, v in enhancer.features(x.to(dtype)).items():
-            out.setdefault(k, []).append(v.float().cpu())
+            out.setdefault(k, []).append(v.float())
     enhancer.train(was)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def gather(feats: dict, labels: torch.Tensor, real: torch.Tensor, world: int, device: torch.device):
-    """Every rank's share, in the original order, on every rank."""
-    if world == 1:
-        keep = real >= 0
-        return {k: v[keep] for k, v in feats.items()}, labels[keep]
-    keys = sorted(feats)
-    local = torch.cat([feats[k] for k in keys] + [labels[:, None].float(), real[:, None].float()], 1).to(device)
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local)
-    allv = torch.cat(parts).cpu()
-    allv = allv[allv[:, -1] >= 0]
-    allv = allv[allv[:, -1].argsort()]
-    out, at = {}, 0
-    for k in keys:
-        d = feats[k].shape[1]
-        out[k] = allv[:, at:at + d]
-        at += d
-    return out, allv[:, -2].long()
+def gather(feats: dict, labels: torch.Tensor, index: torch.Tensor, world: int, device: torch.device):
+    """Every rank's share, padding dropped, in the original order (on every rank, on ``device``)."""
+    ids = torch.stack([labels, index], 1).to(device)
+    if world > 1:
+        parts = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(parts, ids)
+        ids = torch.cat(parts)
+        gathered = {}
+        for k in sorted(feats):
+            parts = [torch.empty_like(feats[k]) for _ in range(world)]
+            dist.all_gather(parts, feats[k].contiguous())
+            gathered[k] = torch.cat(parts)
+        feats = gathered
+    keep = ids[:, 1] >= 0
+    order = ids[keep, 1].argsort()
+    return {k: v[keep][order] for k, v in feats.items()}, ids[keep, 0][order]
 
 
 def knn_classify(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, chunk: int = 256) -> dict:
-    """DINO's weighted k-NN: top-1 and top-5 accuracy (%) of ``val``."""
+    """DINO's weighted k-NN: top-1 and top-5 accuracy (%) of ``val`` (on the features' device)."""
     train, val = F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1)
     classes = int(max(train_y.max(), val_y.max())) + 1
     k = min(k, len(train))
-    top1 = top5 = 0.0
+    hits = torch.zeros(2, device=val.device)
     for i in range(0, len(val), chunk):
         sim, nn_idx = (val[i:i + chunk] @ train.t()).topk(k, dim=1)
         weights = (sim / temperature).exp()
-        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_y[nn_idx], weights)
+        votes = torch.zeros(len(sim), classes, device=val.device).scatter_add_(1, train_y[nn_idx], weights)
         pred = votes.argsort(1, descending=True)
         y = val_y[i:i + chunk, None]
-        top1 += (pred[:, :1] == y).any(1).float().sum().item()
-        top5 += (pred[:, :min(5, classes)] == y).any(1).float().sum().item()
-    return {"top1": 100 * top1 / len(val), "top5": 100 * top5 / len(val)}
+        hits += torch.stack([(pred[:, :1] == y).any(1).sum(), (pred[:, :min(5, classes)] == y).any(1).sum()])
+    top1, top5 = (100 * hits / len(val)).tolist()
+    return {"top1": top1, "top5": top5}
+
+
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (facebookresearch/mae ``util/lars.py``): SGD with momentum
+    whose update of each matrix is scaled by trust_coefficient x |w| / |update|
+    (1-D parameters: plain SGD with momentum)."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    w, u = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(w)
+                    dp = dp.mul(torch.where(w > 0, torch.where(u > 0, g["trust_coefficient"] * w / u, one), one))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
 
 
 def linear_probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
                  epochs: int = 90, warmup_epochs: int = 10, base_lr: float = 0.1, batch: int = 256,
-                 weight_decay: float = 0.0, seed: int = 0) -> dict:
+                 weight_decay: float = 0.0, seed: int = 0, optimizer: str = "sgd") -> dict:
     """MAE's linear probe on cached features (see the module's text): top-1/top-5 (%) on ``val``."""
+    device = train.device
     g = torch.Generator().manual_seed(seed)
     classes = int(max(train_y.max(), val_y.max())) + 1
     head = nn.Sequential(nn.BatchNorm1d(train.shape[1], affine=False, eps=1e-6), nn.Linear(train.shape[1], classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)  # MAE's head init
     nn.init.zeros_(head[1].bias)
+    head.to(device)
     batch = min(batch, len(train))
     lr = base_lr * batch / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if optimizer == "lars":
+        opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     per_epoch = len(train) // batch
-    total = epochs * per_epoch
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(train), generator=g)
-        for j in range(per_epoch):
-            t = step / per_epoch
-            scale = t / warmup_epochs if t < warmup_epochs else \
-                0.5 * (1 + math.cos(math.pi * (step - warmup_epochs * per_epoch) / max(1, total - warmup_epochs * per_epoch)))
-            for group in opt.param_groups:
-                group["lr"] = lr * scale
-            b = order[j * batch:(j + 1) * batch]
-            loss = F.cross_entropy(head(train[b].float()), train_y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
+    total, warm = epochs * per_epoch, warmup_epochs * per_epoch
+    for step in range(total):  # MAE's per-iteration schedule: linear warmup, then half-cycle cosine
+        if step % per_epoch == 0:
+            order = torch.randperm(len(train), generator=g).to(device)
+        scale = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        b = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch]
+        loss = F.cross_entropy(head(train[b].float()), train_y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     head.eval()
     with torch.no_grad():
         pred = head(val.float()).argsort(1, descending=True)
     y = val_y[:, None]
-    return {"top1": 100 * (pred[:, :1] == y).any(1).float().mean().item(),
-            "top5": 100 * (pred[:, :min(5, classes)] == y).any(1).float().mean().item()}
+    top1, top5 = (100 * torch.stack([(pred[:, :1] == y).any(1).float().mean(),
+                                     (pred[:, :min(5, classes)] == y).any(1).float().mean()])).tolist()
+    return {"top1": top1, "top5": top5}
 
 
 class LabelledSplits:
-    """A labelled train and val set, decoded once (this rank's share, uint8 in
-    memory), whose features are compared with k-NN or a linear probe."""
+    """A labelled train and val set, this rank's share of each (kept in memory
+    up to ``cache_bytes``), whose features are compared with k-NN or a linear
+    probe; the comparison runs on rank 0, on the device."""
 
     def __init__(self, train_path: str, val_path: str, size: int, rank: int = 0, world: int = 1,
-                 cache_dir: Optional[str] = None, num_workers: int = 0):
+                 cache_dir: Optional[str] = None, num_workers: int = 0, cache_bytes: int = 0):
         train_path, val_path = resolve_paths(train_path, val_path, cache_dir)
         self.rank, self.world = rank, world
         self.splits, self.sizes = {}, {}
         for name, path in (("train", train_path), ("val", val_path)):
             files, labels, classes = labelled_files(path, cache_dir)
-            self.splits[name] = load_views(files, labels, size, num_workers, rank, world)
+            self.splits[name] = ViewSource(files, labels, size, rank, world, num_workers, cache_bytes)
             self.sizes[name] = len(files)
             if name == "train":
                 self.classes = classes
@@ -270,14 +327,15 @@ class LabelledSplits:
                 raise InputError(f"{val_path}: its class folders differ from those of {train_path}")
 
     def features(self, enhancer: nn.Module, device: torch.device) -> dict:
-        """{split: (features by kind, labels)} on every rank."""
-        out = {}
-        for name, (views, labels, real) in self.splits.items():
-            out[name] = gather(extract(enhancer, views, device), labels, real, self.world, device)
-        return out
+        """{split: (features by kind, labels)}, gathered on every rank."""
+        return {name: gather(extract(enhancer, src, device), src.labels, src.index, self.world, device)
+                for name, src in self.splits.items()}
 
     def knn(self, enhancer: nn.Module, device: torch.device, k: int = 20, temperature: float = 0.07) -> dict:
+        """{feature kind: top-1/top-5} on rank 0 ({} on the others)."""
         f = self.features(enhancer, device)
+        if self.rank != 0:
+            return {}
         (tr, ty), (va, vy) = f["train"], f["val"]
         return {kind: knn_classify(tr[kind], ty, va[kind], vy, k, temperature) for kind in tr}
 
@@ -303,7 +361,7 @@ def load_enhancer(model: str, preset: str = "tiny", seed: int = 0) -> tuple[nn.M
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise InputError(f"{model} is not a safetensors file ({e})") from None
-        if "config" not in meta:
+        if not {"config", "img_size", "patch_size"} <= set(meta):
             raise InputError(f"{model} was not written by python -m cimfast.export (no config in its metadata)")
         cfg = {**json.loads(meta["config"]), "img_size": int(meta["img_size"]), "patch_size": int(meta["patch_size"])}
         if meta.get("layout", "timm") != "timm":
@@ -344,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--cache_dir", default=None, help="validation and demo cache (default: ~/.cache/cimfast)")
         s.add_argument("--seed", type=int, default=0, help="random init and probe seed (default: 0)")
         s.add_argument("--out", default=None, help="also write the results to this JSON file")
+        s.add_argument("--save_features", default=None,
+                       help="also save the gathered features and labels (torch.save) to this file")
         s.add_argument("--debug", action="store_true", help="tracebacks for input errors")
         s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
         if name == "knn":
@@ -355,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--lr", type=float, default=0.1, help="base lr, scaled by batch/256 (default: 0.1, MAE)")
             s.add_argument("--batch_size", type=int, default=256, help="probe batch (default: 256; MAE: 16384)")
             s.add_argument("--weight_decay", type=float, default=0.0, help="(default: 0, MAE)")
+            s.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd",
+                           help="sgd (momentum 0.9; default) or lars (MAE's, for batches of 16384)")
     return p
 
 
@@ -370,19 +432,23 @@ def evaluate(a: argparse.Namespace) -> int:
     splits = LabelledSplits(a.train_path, a.val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)
     enhancer.to(device)
     feats = splits.features(enhancer, device)
-    (tr, ty), (va, vy) = feats["train"], feats["val"]
-    if a.protocol == "knn":
-        results = {kind: knn_classify(tr[kind], ty, va[kind], vy, a.k, a.temperature) for kind in tr}
-        settings = {"k": a.k, "temperature": a.temperature}
-    else:
-        results = {kind: linear_probe(tr[kind], ty, va[kind], vy, a.epochs, a.warmup_epochs, a.lr, a.batch_size,
-                                      a.weight_decay, a.seed) for kind in tr}
-        settings = {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "base_lr": a.lr,
-                    "batch_size": a.batch_size, "weight_decay": a.weight_decay}
-    report = {"protocol": a.protocol, "model": cfg["model"], "train_images": splits.sizes["train"],
-              "val_images": splits.sizes["val"], "classes": len(splits.classes), "settings": settings,
-              "results": results, "ranks": world}
-    if rank == 0:
+    if rank == 0:  # the comparison on one rank, on the device
+        (tr, ty), (va, vy) = feats["train"], feats["val"]
+        if a.save_features:
+            torch.save({"train": ({k: v.cpu() for k, v in tr.items()}, ty.cpu()),
+                        "val": ({k: v.cpu() for k, v in va.items()}, vy.cpu()), "classes": splits.classes},
+                       a.save_features)
+        if a.protocol == "knn":
+            results = {kind: knn_classify(tr[kind], ty, va[kind], vy, a.k, a.temperature) for kind in tr}
+            settings = {"k": a.k, "temperature": a.temperature}
+        else:
+            results = {kind: linear_probe(tr[kind], ty, va[kind], vy, a.epochs, a.warmup_epochs, a.lr,
+                                          a.batch_size, a.weight_decay, a.seed, a.optimizer) for kind in tr}
+            settings = {"optimizer": a.optimizer, "epochs": a.epochs, "warmup_epochs": a.warmup_epochs,
+                        "base_lr": a.lr, "batch_size": a.batch_size, "weight_decay": a.weight_decay}
+        report = {"protocol": a.protocol, "model": cfg["model"], "train_images": splits.sizes["train"],
+                  "val_images": splits.sizes["val"], "classes": len(splits.classes), "settings": settings,
+                  "results": results, "ranks": world}
         print(json.dumps(report, indent=1))
         if a.out:
             with open(a.out, "w") as f:

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from cimfast.cli import parse
 from cimfast.config import InputError, RunConfig, require
-from cimfast.evaluate import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, labelled_files, load_enhancer, resolve_paths
+from cimfast.evaluate import (IMAGENET_MEAN, IMAGENET_STD, LabelledImages, labelled_files, load_enhancer,
+                              resolve_paths, shard)
 from cimfast.preflight import check_run, guarded
 from cimfast.runtime import Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job, setup_logging, \
     write_config
@@ -79,7 +80,8 @@ class FinetuneConfig:
     bce_target_thresh: typing.Optional[float] = field(default=None, metadata={
         "help": "binarize mixed targets above this value with bce_loss (RSB: 0.2)"})
     global_pool: str = field(default="avg", metadata={
-        "help": "ViT: avg (mean of the patch tokens after the pre-trained final norm, as MAE/BEiT pool) or token"})
+        "help": "ViT: avg (mean of the patch tokens after the pre-trained final norm; MAE and BEiT put a new "
+                "norm after the pooling instead) or token"})
     eval_interval: typing.Optional[int] = field(default=None, metadata={
         "help": "steps between val evaluations (default: one epoch; and at the end)"})
 
@@ -131,8 +133,8 @@ def build_classifier(fcfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module,
     missing, unexpected = model.load_state_dict(sd, strict=False)
     new = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
     if unexpected or set(missing) - new:
-        raise RuntimeError(f"the enhancer does not fit timm's {name}: missing {sorted(set(missing) - new)[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise InputError(f"the enhancer of {cfg['model']} does not fit timm's {name}: missing "
+                         f"{sorted(set(missing) - new)[:3]}, unexpected {unexpected[:3]}")
     if cfg["enhancer"] == "vit":
         nn.init.trunc_normal_(head.weight, std=2e-5)  # MAE's head init
         nn.init.zeros_(head.bias)
@@ -158,7 +160,7 @@ def seed_everything(*key: int) -> None:
     transforms, Mixup and drop path draw from them, so a sample's
     augmentation and a step's mixing and drop path are functions of the key
     (and a resumed run draws what an uninterrupted one does)."""
-    s = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    s = int(np.random.SeedSequence(list(key)).generate_state(1)[0])  # keys of one tag have one length
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
@@ -177,7 +179,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         from PIL import Image
 
         epoch, index = item
-        seed_everything(self.seed, epoch, index)
+        seed_everything(self.seed, 0, epoch, index)  # tag 0: a sample's augmentation
         with Image.open(self.files[index]) as im:
             x = self.transform(im.convert("RGB"))
         return {"images": x, "labels": torch.tensor(self.labels[index])}
@@ -204,8 +206,12 @@ def criterion(fcfg: FinetuneConfig, mixing: bool):
 
 
 def val_loader(files, labels, size, rank, world, num_workers):
-    shard = torch.utils.data.Subset(LabelledImages(files, labels, size), list(range(rank, len(files), world)))
-    return torch.utils.data.DataLoader(shard, batch_size=64, num_workers=num_workers)
+    """This rank's share of the val images, padded so that every rank runs the
+    same number of forwards (ZeRO-3 gathers parameters in each); the padding
+    is marked by index -1 and not counted."""
+    picks, index = shard(len(files), rank, world)
+    data = torch.utils.data.Subset(LabelledImages(files, labels, size), picks)
+    return torch.utils.data.DataLoader(data, batch_size=64, num_workers=num_workers), index >= 0
 
 
 def main(argv=None) -> int:
@@ -245,6 +251,14 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
     steps_per_epoch = max(1, len(files) // global_batch)
     if fcfg.epochs is not None:
         run.max_steps = max(1, math.ceil(fcfg.epochs * steps_per_epoch))
+        log.info("%g epochs of %d steps: max_steps %d (epochs sets the length; drop it to use --max_steps)",
+                 fcfg.epochs, steps_per_epoch, run.max_steps)
+    sched = ds_cfg.get("scheduler", {}).get("type")
+    if fcfg.layer_decay < 1 and sched not in (None, "WarmupCosineLR"):
+        raise InputError(f"layer_decay: the scheduler {sched} sets one lr for every parameter group; use "
+                         "WarmupCosineLR (it scales each group's own lr) or layer_decay 1")
+    if (fcfg.mixup > 0 or fcfg.cutmix > 0) and micro % 2:
+        raise InputError(f"train_micro_batch_size_per_gpu: mixup and cutmix need an even micro-batch (got {micro})")
     params = ds_cfg.get("scheduler", {}).get("params", {})
     if params.get("warmup_num_steps") == "auto":
         warmup = round(fcfg.warmup_epochs * steps_per_epoch)
@@ -273,26 +287,29 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
     def forward(engine, batch, step):
         calls["n"] = calls["n"] + 1 if calls["step"] == step else 0
         calls["step"] = step
-        seed_everything(run.seed, step, calls["n"], rank)  # this micro-step's mixing and drop path
+        seed_everything(run.seed, 1, step, calls["n"], rank)  # tag 1: this micro-step's mixing and drop path
         x, y = batch["images"], batch["labels"]
         if mixup is not None:
             x, y = mixup(x, y)
         logits = engine(x.to(dtype))
         return {"loss": loss_fn(logits.float(), y)}
 
-    vl = val_loader(vfiles, vlabels, info["img_size"], rank, world, run.num_workers)
+    vl, real = val_loader(vfiles, vlabels, info["img_size"], rank, world, run.num_workers)
 
     def evaluate(module, step):
         mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # top-1, top-5, loss, count
+        at = 0
         for views, y in vl:
+            keep = real[at:at + len(y)].to(device)
+            at += len(y)
             x = ((views.to(device).float() / 255 - mean) / std).to(dtype)
             y = y.to(device)
             logits = module(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
-                                 nn.functional.cross_entropy(logits, y, reduction="sum"),
-                                 torch.tensor(len(y), device=device)]).double()
+            sums += torch.stack([((top[:, 0] == y) & keep).sum(), ((top == y[:, None]).any(1) & keep).sum(),
+                                 (nn.functional.cross_entropy(logits, y, reduction="none") * keep).sum(),
+                                 keep.sum()]).double()
         if world > 1:
             dist.all_reduce(sums)
         top1, top5, loss, n = sums.tolist()

@@ -157,7 +157,7 @@ class CodeMarginal:
     visible patches."""
 
     def __init__(self, vocab: int, device: torch.device):
-        self.counts = torch.zeros(vocab, device=device)
+        self.counts = torch.zeros(vocab, device=device, dtype=torch.float64)  # exact past 2^24 per code
 
     def add(self, counts: torch.Tensor) -> None:
         self.counts += counts

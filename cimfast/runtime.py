@@ -248,7 +248,7 @@ class Outputs:
         run = self.run
         spent = 0.0
         every = self.job.eval_interval
-        if (every and step % every == 0) or step == run.max_steps:
+        if every and step % every == 0 and step < run.max_steps:  # the last one follows the end checkpoint
             spent = self.evaluate(step)
         if run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps:
             self.save(state, step, "interval")
@@ -333,6 +333,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
         log.info("stopped by signal at step %d; continue with --resume auto", step)
     else:
         outputs.save(state, step, "end")
+        outputs.evaluate(step)
         outputs.picture("picture_final.png")
     outputs.close(step)
     return code

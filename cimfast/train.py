@@ -88,8 +88,9 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
         return extra
 
     monitor = None
-    if cfg.knn_train_path:  # decoded once, this rank's share kept in memory
-        monitor = LabelledSplits(cfg.knn_train_path, cfg.knn_val_path, cfg.img_size, rank, world, run.cache_dir)
+    if cfg.knn_train_path:  # this rank's share, decoded once and kept in memory (up to 1 GiB)
+        monitor = LabelledSplits(cfg.knn_train_path, cfg.knn_val_path, cfg.img_size, rank, world, run.cache_dir,
+                                 run.num_workers, cache_bytes=2**30)
         log.info("k-NN monitor: %d train and %d val images of %d classes, every %d steps",
                  monitor.sizes["train"], monitor.sizes["val"], len(monitor.classes), cfg.knn_interval)
 
