@@ -106,3 +106,20 @@ def test_resnet50_recipe_runs_with_timm_lamb_and_bce(tmp_path):
     assert len(train) == 3 and all(math.isfinite(x["loss"]) for x in train)
     assert train[-1]["lr_max"] == pytest.approx(5e-3 * ratio(3)) and train[-1]["lr_min"] == train[-1]["lr_max"]
     assert [x["step"] for x in recs if "val_top1" in x] == [3]
+
+
+def test_bf16_engine_trains_and_evaluates(tmp_path):
+    """The CUDA default precision (a bf16 engine: inputs cast to the weights' dtype, val in bf16) on the CPU."""
+    cfg_path = config(str(tmp_path), mixup=0.8, cutmix=1.0)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["bf16"] = {"enabled": True}
+    cfg["cimfast"].update(max_steps=3, eval_interval=None, num_workers=0, output_dir=str(tmp_path / "out"))
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cimfast", "finetune.py"), "--ds_config", cfg_path],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_metrics(str(tmp_path / "out"))
+    assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in recs if "loss" in x)
+    assert [x["step"] for x in recs if "val_top1" in x] == [3]
