@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         ds = json.load(f)
     ds.setdefault("cimfast", {}).update(max_steps=a.steps, log_interval=a.steps, checkpoint_interval=0,
                                         image_interval=0, progress=False)
+    for k in ("knn_train_path", "knn_val_path"):  # the step loop only: no k-NN monitor
+        ds["cimfast"].pop(k, None)
     ds["bf16"] = {"enabled": bool(a.bf16)}
     if a.legacy:
         ds["timers"] = {"throughput": {"enabled": True}}
