@@ -12,7 +12,7 @@ setup(
     # user's site-packages (a PyPI package named `kernels` exists). Code imports them as
     # `from cimfast.kernels import ...`; an editable install (pip install -e .) maps them.
     package_dir={"cimfast": "cimfast", "cimfast.kernels": "kernels", "cimfast.pipelines": "pipelines"},
-    package_data={"cimfast": ["assets/*.safetensors"]},
+    package_data={"cimfast": ["assets/*.safetensors", "assets/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -57,7 +57,9 @@ class TokenizerConfig:
     tau_start: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature at the start"})
     tau_end: float = field(default=1 / 16, metadata={"help": "temperature reached at tau_steps"})
     tau_steps: typing.Optional[int] = field(default=None, metadata={"help": "annealing steps (default: max_steps)"})
-    kl_weight: float = field(default=6.6, metadata={"help": "final KL weight (DALL-E's convention)"})
+    kl_weight: float = field(default=6.6, metadata={
+        "help": "final weight of the per-cell KL to the uniform prior (DALL-E's convention); it makes each cell "
+                "uncertain, not the cells different: the demo recipe for small data sets uses 0 with usage_weight 1"})
     kl_ramp_steps: typing.Optional[int] = field(default=None, metadata={"help": "KL ramp (default: max_steps / 4)"})
     usage_weight: float = field(default=0.0, metadata={
         "help": "weight of the codebook-usage term KL(code marginal || uniform); 0: DALL-E's recipe. "

@@ -166,3 +166,20 @@ def test_the_usage_term_keeps_the_codebook_from_collapsing():
         with torch.no_grad():
             used[weight] = codebook_stats(m.encoder(heldout * 0.8 + 0.1).argmax(1), 128)["used_fraction"]
     assert used[0.0] < 0.2 <= 0.25 <= used[1.0], used
+
+
+def test_the_shipped_tokenizer_report_is_what_the_asset_does():
+    """The report beside the shipped tiny tokenizer holds its held-out numbers, measured again here."""
+    import json
+
+    from cimfast.cim import TINY_TOKENIZER
+    from cimfast.config import RunConfig
+    from cimfast.tokenizer_files import load_tokenizer
+    from cimfast.tokenizer_train import TokenizerConfig, evaluate, heldout_images
+
+    with open(TINY_TOKENIZER.replace(".safetensors", "_report.json")) as f:
+        report = json.load(f)["heldout"]
+    metrics, _ = evaluate(load_tokenizer(TINY_TOKENIZER), heldout_images(TokenizerConfig(), RunConfig(seed=0)))
+    assert metrics["codes_used"] == report["codes_used"] and metrics["codes_used"] >= 256  # half the codebook
+    assert metrics["perplexity"] == pytest.approx(report["perplexity"], rel=1e-4)
+    assert metrics["psnr"] == pytest.approx(report["psnr"], abs=1e-3)
