@@ -45,17 +45,20 @@ def psnr(a, b) -> float:
     return float(10 * np.log10(1 / np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
 
 
-def quantizer_bounds(train: torch.Tensor, held: torch.Tensor, vocab: int = 512) -> dict:
+def quantizer_bounds(train: torch.Tensor, held: torch.Tensor, vocabs=(512,)) -> dict:
     from sklearn.cluster import MiniBatchKMeans
 
     q = cells(held)
     mean_only = np.repeat(q.reshape(-1, 3, 64).mean(2, keepdims=True), 64, 2).reshape(-1, 192)
-    km = MiniBatchKMeans(vocab, batch_size=4096, n_init=1, max_iter=50, random_state=0).fit(cells(train))
-    ids = km.predict(q)
-    p = np.bincount(ids, minlength=vocab) / len(ids)
-    return {"cell_mean_colour_psnr": psnr(q, mean_only), f"kmeans{vocab}_psnr": psnr(q, km.cluster_centers_[ids]),
-            f"kmeans{vocab}_codes_used": int((p > 0).sum()),
-            f"kmeans{vocab}_perplexity": float(math.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))}
+    out = {"cell_mean_colour_psnr": psnr(q, mean_only)}
+    for vocab in vocabs:
+        km = MiniBatchKMeans(vocab, batch_size=4096, n_init=1, max_iter=50, random_state=0).fit(cells(train))
+        ids = km.predict(q)
+        p = np.bincount(ids, minlength=vocab) / len(ids)
+        out.update({f"kmeans{vocab}_psnr": psnr(q, km.cluster_centers_[ids]),
+                    f"kmeans{vocab}_codes_used": int((p > 0).sum()),
+                    f"kmeans{vocab}_perplexity": float(math.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))})
+    return out
 
 
 def surviving_target(big: torch.Tensor, recon: torch.Tensor, window: int) -> float:
@@ -70,12 +73,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", default=TINY_TOKENIZER, help="tokenizer file (default: the shipped tiny one)")
     ap.add_argument("--windows", type=int, nargs="+", default=[9, 17, 33, 49])
+    ap.add_argument("--kmeans", type=int, nargs="+", default=[512, 2048], help="k-means codebook sizes")
     a = ap.parse_args(argv)
     train_ds = DemoDataset(56, None, samples=3000, seed=0)
     held_ds = DemoDataset(56, None, samples=64, split="heldout", seed=1)  # the tokenizer report's crops
     train = as_unit(torch.stack([train_ds[(0, i)]["images"] for i in range(3000)]))
     held = as_unit(torch.stack([held_ds[(0, i)]["images"] for i in range(64)]))
-    out = {"bounds_heldout_56px": quantizer_bounds(train, held)}
+    out = {"bounds_heldout_56px": quantizer_bounds(train, held, a.kmeans)}
     tok = load_tokenizer(a.tokenizer)
     views = DemoDataset(112, 56, samples=64, seed=0)
     items = [views[(0, i)] for i in range(64)]
