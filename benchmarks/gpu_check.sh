@@ -54,7 +54,7 @@ cfg["cimfast"].update(tokenizer_path="/tmp/dalle_random.safetensors", data_path=
                       max_steps=30, log_interval=10, checkpoint_interval=0, image_interval=0, progress=False)
 json.dump(cfg, open("/tmp/ds_gpu_check.json", "w"))
 EOF
-timeout 170 "$BIN/deepspeed" --num_gpus 1 --master_port 29611 cimfast/train.py --ds_config /tmp/ds_gpu_check.json \
+timeout 150 "$BIN/deepspeed" --num_gpus 1 --master_port 29611 cimfast/train.py --ds_config /tmp/ds_gpu_check.json \
   --output_dir "$OUT/train_base" > "$OUT/train_base.txt" 2>&1
 log "train exit $?: $(grep -o 'data pipeline: [^(]*' "$OUT/train_base.txt" | head -1)"
 tail -1 "$OUT/train_base/metrics.jsonl" 2>/dev/null | $PY -c \
@@ -67,7 +67,7 @@ log "sync count (torch.cuda.set_sync_debug_mode warn)"
 $PY -c "import json; c=json.load(open('/tmp/ds_gpu_check.json')); c['zero_optimization']['overlap_comm']=False; \
 json.dump(c, open('/tmp/ds_gpu_check_no_overlap.json', 'w'))"
 for v in "" _no_overlap; do
-  timeout 60 $PY benchmarks/sync_count.py --ds_config /tmp/ds_gpu_check$v.json --bf16 --steps 6 --cuda_sync_mode warn --no-compile \
+  timeout 50 $PY benchmarks/sync_count.py --ds_config /tmp/ds_gpu_check$v.json --bf16 --steps 6 --cuda_sync_mode warn --no-compile \
     --out "$OUT/syncs$v.json" > "$OUT/syncs$v.txt" 2>&1
   log "sync count$v exit $?: $(tail -c 400 "$OUT/syncs$v.json" 2>/dev/null | tr -d '\n')"
 done
@@ -86,7 +86,19 @@ log "kernel benchmarks exit $?"
 
 # 6. end to end, plain path against fast path: large (base ran above through the real command)
 log "e2e large batch 64"
-timeout 70 $PY benchmarks/bench_e2e.py --preset large --batch 64 --steps 10 --warmup 3 --out "$OUT" \
+timeout 65 $PY benchmarks/bench_e2e.py --preset large --batch 64 --steps 10 --warmup 3 --out "$OUT" \
   > "$OUT/e2e_large.txt" 2>&1
 log "e2e large exit $?: $(tail -1 "$OUT/e2e_large.txt")"
+# 7. evaluation on CUDA: bf16 fine-tuning (fused AdamW, mixup, layer decay, val top-1) and k-NN features on
+#    the device, on small synthetic labelled folders (no scikit-learn needed)
+log "finetune + evaluate (CUDA)"
+$PY -c "import json, sys; sys.path.insert(0, '.'); from tests.labelled import make_labelled as m; \
+m('/tmp/lab/train', classes=4, per_class=16); m('/tmp/lab/val', classes=4, per_class=4, seed=1); \
+c = json.load(open('configs/ds_finetune_vit_base.json')); c.update(train_batch_size=32, train_micro_batch_size_per_gpu=32); \
+json.dump(c, open('/tmp/ds_ft_check.json', 'w'))"
+timeout 55 bash -c "\"$BIN/deepspeed\" --num_gpus 1 --master_port 29612 cimfast/finetune.py --ds_config /tmp/ds_ft_check.json --model random \
+  --train_path /tmp/lab/train --val_path /tmp/lab/val --epochs 2 --output_dir \"$OUT/finetune\" --no-progress \
+  --log_interval 1 --num_workers 2 && $PY -m cimfast.evaluate knn --model random --train_path /tmp/lab/train \
+  --val_path /tmp/lab/val --num_workers 2 --out \"$OUT/knn.json\"" > "$OUT/finetune.txt" 2>&1
+log "finetune + evaluate exit $?: $(grep -h val_top1 "$OUT/finetune/metrics.jsonl" 2>/dev/null | tail -1)"
 log "done"

@@ -248,7 +248,10 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
 
     micro = ds_cfg.get("train_micro_batch_size_per_gpu") or ds_cfg["train_batch_size"] // world
     global_batch = ds_cfg.get("train_batch_size") or micro * ds_cfg.get("gradient_accumulation_steps", 1) * world
-    steps_per_epoch = max(1, len(files) // global_batch)
+    if len(files) < global_batch:
+        raise InputError(f"train_batch_size: {train_path} has {len(files)} usable images, fewer than one global "
+                         f"batch of {global_batch}: lower train_batch_size in the DeepSpeed config")
+    steps_per_epoch = len(files) // global_batch
     if fcfg.epochs is not None:
         run.max_steps = max(1, math.ceil(fcfg.epochs * steps_per_epoch))
         log.info("%g epochs of %d steps: max_steps %d (epochs sets the length; drop it to use --max_steps)",
