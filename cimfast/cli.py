@@ -31,10 +31,10 @@ DESCRIPTION = ("Settings come from the dataclass defaults and the preset, then t
                "scheduler, bf16/fp16, ZeRO, clipping) is DeepSpeed's own.")
 
 
-def build_parser(groups, prog: str, what: str) -> argparse.ArgumentParser:
+def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.json") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=f"{what} {DESCRIPTION}")
     p.add_argument("--ds_config", default=None,
-                   help="DeepSpeed JSON config (default: configs/ds_demo.json beside the package)")
+                   help=f"DeepSpeed JSON config (default: configs/{default_config} beside the package)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     for group_name, cls in groups:
         g = p.add_argument_group(group_name)
@@ -81,7 +81,7 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
     """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
 
     Classes with a ``resolve()`` method (presets) are resolved; all are validated."""
-    args = build_parser(groups, prog, what).parse_args(argv)
+    args = build_parser(groups, prog, what, default_config).parse_args(argv)
     ds_path = args.ds_config or default_ds_config(default_config)
     ds = read_ds_config(ds_path)
     section = ds.pop(SECTION, {})

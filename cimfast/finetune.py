@@ -185,8 +185,23 @@ class AugmentedImages(torch.utils.data.Dataset):
         return {"images": x, "labels": torch.tensor(self.labels[index])}
 
 
+def _posterize(img, bits_to_keep, **__):
+    """timm's posterize, with 0 bits kept giving the black image that Pillow < 13 gave:
+    Pillow 13 refuses 0 bits, which RandAugment's increasing posterize draws (range 4 -> 0)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def train_transform(fcfg: FinetuneConfig, size: int):
-    from timm.data import create_transform
+    from timm.data import auto_augment, create_transform
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
 
     return create_transform(size, is_training=True, auto_augment=fcfg.auto_augment or None,
                             interpolation="bicubic", re_prob=fcfg.reprob, re_mode="pixel", re_count=1,
@@ -219,6 +234,28 @@ def main(argv=None) -> int:
     return guarded(lambda: finetune(argv), argv)
 
 
+def run_and_exit(argv=None) -> None:
+    """The script's exit: a user saw 2 of 11 runs hang after their last line
+    (metrics closed, checkpoint written), waiting on DataLoader workers at
+    interpreter teardown, and a run whose worker raised hang the same way
+    (the cause is not found yet). Everything is flushed, then the process
+    leaves without that teardown."""
+    import traceback
+
+    code = 1
+    try:
+        code = main(argv)
+    except BaseException as e:  # noqa: BLE001  (reported like Python would, then the same exit)
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+
+
 def finetune(argv) -> int:
     fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast/finetune.py",
                                        what="Fine-tune a pre-trained enhancer (full fine-tuning).",
@@ -226,14 +263,15 @@ def finetune(argv) -> int:
     check_run(run)
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
     rank, world, device = init_distributed()
-    job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, rank, world, device)
+    job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, rank, world, device,
+                sys.argv[1:] if argv is None else argv)
     code = run_job(job, run, ds_cfg, rank, world, device)
     finish()
     return code
 
 
 def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, train_path: str, val_path: str,
-          rank: int, world: int, device: torch.device) -> Job:
+          rank: int, world: int, device: torch.device, argv=None) -> Job:
     from timm.data import Mixup
 
     from cimfast.pipelines.sampler import build_loader
@@ -252,6 +290,9 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
         raise InputError(f"train_batch_size: {train_path} has {len(files)} usable images, fewer than one global "
                          f"batch of {global_batch}: lower train_batch_size in the DeepSpeed config")
     steps_per_epoch = len(files) // global_batch
+    if fcfg.epochs is not None and any(a.split("=")[0] == "--max_steps" for a in (argv or [])):
+        log.info("--max_steps on the command line: the config's epochs (%g) are not used", fcfg.epochs)
+        fcfg.epochs = None
     if fcfg.epochs is not None:
         run.max_steps = max(1, math.ceil(fcfg.epochs * steps_per_epoch))
         log.info("%g epochs of %d steps: max_steps %d (epochs sets the length; drop it to use --max_steps)",
@@ -334,4 +375,4 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -123,3 +123,19 @@ def test_bf16_engine_trains_and_evaluates(tmp_path):
     recs = read_metrics(str(tmp_path / "out"))
     assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in recs if "loss" in x)
     assert [x["step"] for x in recs if "val_top1" in x] == [3]
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    """RandAugment's increasing posterize draws 0 bits at high magnitudes; Pillow 13 refuses
+    0 bits, and the recipe's first batches died of it."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from cimfast.finetune import FinetuneConfig, train_transform
+
+    train_transform(FinetuneConfig(train_path="x", val_path="y"), 32)
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)  # 4 - 4 = 0 bits
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0
+    assert np.asarray(auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img)).max() > 0
