@@ -185,8 +185,13 @@ class ViewSource:
         yield from torch.utils.data.DataLoader(self.data, batch_size=batch, num_workers=self.num_workers)
 
 
-IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+def normalized(views: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 views -> ImageNet-normalized ``dtype`` on ``device`` (as the enhancer saw in pre-training)."""
+    from cimfast.cim import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return ((views.to(device).float() / 255 - mean) / std).to(dtype)
 
 
 @torch.no_grad()
@@ -195,11 +200,9 @@ def extract(enhancer: nn.Module, source: ViewSource, device: torch.device) -> di
     was = enhancer.training
     enhancer.eval()
     dtype = next(enhancer.parameters()).dtype
-    mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
     out: dict = {}
     for views, _ in source.batches():
-        x = (views.to(device).float() / 255 - mean) / std
-        for k, v in enhancer.features(x.to(dtype)).items():
+        for k, v in enhancer.features(normalized(views, device, dtype)).items():
             out.setdefault(k, []).append(v.float())
     enhancer.train(was)
     return {k: torch.cat(v) for k, v in out.items()}

@@ -37,8 +37,8 @@ import torch.nn as nn
 
 from cimfast.cli import parse
 from cimfast.config import InputError, RunConfig, require
-from cimfast.evaluate import (IMAGENET_MEAN, IMAGENET_STD, LabelledImages, labelled_files, load_enhancer,
-                              resolve_paths, shard)
+from cimfast.cim import IMAGENET_MEAN, IMAGENET_STD
+from cimfast.evaluate import ViewSource, labelled_files, load_enhancer, normalized, resolve_paths
 from cimfast.preflight import check_run, guarded
 from cimfast.runtime import Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job, setup_logging, \
     write_config
@@ -205,7 +205,7 @@ def train_transform(fcfg: FinetuneConfig, size: int):
 
     return create_transform(size, is_training=True, auto_augment=fcfg.auto_augment or None,
                             interpolation="bicubic", re_prob=fcfg.reprob, re_mode="pixel", re_count=1,
-                            mean=tuple(IMAGENET_MEAN.flatten().tolist()), std=tuple(IMAGENET_STD.flatten().tolist()))
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def criterion(fcfg: FinetuneConfig, mixing: bool):
@@ -218,15 +218,6 @@ def criterion(fcfg: FinetuneConfig, mixing: bool):
     if fcfg.smoothing:
         return LabelSmoothingCrossEntropy(fcfg.smoothing)
     return nn.CrossEntropyLoss()
-
-
-def val_loader(files, labels, size, rank, world, num_workers):
-    """This rank's share of the val images, padded so that every rank runs the
-    same number of forwards (ZeRO-3 gathers parameters in each); the padding
-    is marked by index -1 and not counted."""
-    picks, index = shard(len(files), rank, world)
-    data = torch.utils.data.Subset(LabelledImages(files, labels, size), picks)
-    return torch.utils.data.DataLoader(data, batch_size=64, num_workers=num_workers), index >= 0
 
 
 def main(argv=None) -> int:
@@ -338,18 +329,19 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
         logits = engine(x.to(dtype))
         return {"loss": loss_fn(logits.float(), y)}
 
-    vl, real = val_loader(vfiles, vlabels, info["img_size"], rank, world, run.num_workers)
+    # this rank's share, padded so every rank runs the same number of forwards (ZeRO-3 gathers
+    # parameters in each); the padding (index -1) is not counted
+    val = ViewSource(vfiles, vlabels, info["img_size"], rank, world, run.num_workers)
+    real = val.index >= 0
 
     def evaluate(module, step):
-        mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # top-1, top-5, loss, count
         at = 0
-        for views, y in vl:
-            keep = real[at:at + len(y)].to(device)
-            at += len(y)
-            x = ((views.to(device).float() / 255 - mean) / std).to(dtype)
-            y = y.to(device)
-            logits = module(x).float()
+        for views, _ in val.batches():
+            keep = real[at:at + len(views)].to(device)
+            y = val.labels[at:at + len(views)].to(device)
+            at += len(views)
+            logits = module(normalized(views, device, dtype)).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             sums += torch.stack([((top[:, 0] == y) & keep).sum(), ((top == y[:, None]).any(1) & keep).sum(),
                                  (nn.functional.cross_entropy(logits, y, reduction="none") * keep).sum(),

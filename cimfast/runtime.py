@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -215,27 +216,31 @@ class Outputs:
         if self.rank == 0:
             log.info("checkpoint (%s): %s", reason, path)
 
-    def picture(self, name: str) -> None:
-        if self.job.picture is None:
-            return
+    @contextmanager
+    def _eval_mode(self):
+        """The module in eval mode without gradients, its mode restored after."""
         module = self.engine.module
         was_training = module.training
         module.eval()
-        with torch.no_grad():
+        try:
+            with torch.no_grad():
+                yield module
+        finally:
+            module.train(was_training)
+
+    def picture(self, name: str) -> None:
+        if self.job.picture is None:
+            return
+        with self._eval_mode() as module:
             self.job.picture(module, os.path.join(self.run.output_dir, name) if self.rank == 0 else None)
-        module.train(was_training)
 
     def evaluate(self, step: int) -> float:
         """The job's evaluation (k-NN monitor, validation top-1), on all ranks; its time is logged."""
         if self.job.evaluate is None:
             return 0.0
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with self._eval_mode() as module:
             metrics = self.job.evaluate(module, step)
-        module.train(was_training)
         metrics["eval_seconds"] = time.perf_counter() - t0
         if self.rank == 0:
             self.writer.write(step, metrics)
