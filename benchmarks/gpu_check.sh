@@ -1,45 +1,66 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: every GPU check and benchmark, under 8 minutes on
-# one H100/H200 (the timeouts below add up to 465 s), results written to the
-# folder given as $1.
+# The one prepared GPU check: every GPU check and benchmark on one H100/H200,
+# results written to the folder given as $1 (summary.txt and results.tgz: the
+# device tool brings back at most 8 files, so every log goes into the archive).
+#
+#   bash benchmarks/gpu_check.sh OUT [STEP ...]
+#
+# STEPS (all by default, in this order; each has its own timeout, in seconds):
+#   train 170     the real command: deepspeed cimfast/train.py, base preset, bf16 + compile, 30 steps
+#   tests 90      GPU tests: compiled Triton kernels against references, attention backends, tokenizer
+#   finetune 60   bf16 fine-tuning (fused AdamW, mixup, layer decay) and k-NN on CUDA
+#   e2e 75        end to end, plain path against fast path, large preset
+#   kernels 45    kernel benchmarks, each beside its reference
+#   syncs 90      host syncs per step (torch.cuda.set_sync_debug_mode), with and without overlap_comm
+# All of them: 530 s, plus ~20 s of installs.
 #
 # The GPU machine has PyTorch, Triton, torchvision and timm but no package
 # registry. Bring the rest as wheels in ./wheels (ignored by git), made on a
-# CPU machine with:   bash benchmarks/make_wheels.sh
-# DeepSpeed and xformers fit one device call's carry (64 MiB); DALI's CUDA 13
-# wheel (~199 MB) does not: make_wheels.sh splits it into wheels_dali/part-*
-# (60 MB each), carried one per call ("carry": ["wheels_dali/part-aa"], then
-# -ab, -ac, -ad; command "true") back to back while the machine stays warm.
-# Then run: command "bash benchmarks/gpu_check.sh $OUT", carry ["wheels", "wheels_dali/name"].
-# The parts are joined and installed when all of them arrived.
+# CPU machine with:   WITH_DALI=0 bash benchmarks/make_wheels.sh   (~8 MB)
+# DALI's CUDA 13 wheel (~199 MB) does not fit one device call's carry (64 MiB):
+# make_wheels.sh splits it into wheels_dali/part-* (60 MB each), carried one per
+# call back to back while the machine stays warm; the parts are joined and
+# installed here when all of them arrived.
 set -uo pipefail
-OUT=${1:?usage: gpu_check.sh OUTPUT_DIR}
+OUT=${1:?usage: gpu_check.sh OUTPUT_DIR [STEP ...]}
+shift
+STEPS=${*:-train tests finetune e2e kernels syncs}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
+W=/tmp/gpu_check && rm -rf $W && mkdir -p $W
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+pack() { tar czf "$OUT/results.tgz" -C $W --exclude='checkpoints' --exclude='*.pt' --exclude='*.safetensors' . 2>/dev/null; }
+trap pack EXIT
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
-BIN=$(dirname "$(command -v $PY)")
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
+log "steps: $STEPS"
 log "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-  2>&1 | tee -a "$OUT/summary.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')" 2>&1 | tee -a "$OUT/summary.txt"
 
-# 1. what the machine lacks, from the carried wheels (no registry there)
+# what the machine lacks, from the carried wheels (no registry there); into the
+# interpreter's environment when it is writable, else into /tmp/site
 if [ -f wheels_dali/name ] && ls wheels_dali/part-* >/dev/null 2>&1; then
   cat wheels_dali/part-* > "wheels/$(cat wheels_dali/name)" && log "DALI wheel joined from $(ls wheels_dali/part-* | wc -l) parts"
   $PY -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).testzip()" "wheels/$(cat wheels_dali/name)" \
     || { log "DALI wheel incomplete: left out"; rm -f "wheels/$(cat wheels_dali/name)"; }
 fi
 if ls wheels/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps wheels/*.whl 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+  if ! $PY -m pip install -q --no-index --no-deps --no-compile wheels/*.whl > $W/pip.txt 2>&1; then
+    log "pip into the environment failed ($(tail -1 $W/pip.txt)); installing into /tmp/site"
+    $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site wheels/*.whl >> $W/pip.txt 2>&1
+    export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
+  fi
 fi
-$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
-$PY -m xformers.info > "$OUT/xformers_info.txt" 2>&1 || log "xformers not usable (see xformers_info.txt)"
-
-# 2. the real command first: deepspeed cimfast/train.py, base preset, DALL-E-architecture tokenizer
-#    (random weights: enough for throughput), bf16 + compile (the CUDA defaults), 30 steps
-log "train: deepspeed cimfast/train.py, base preset"
-$PY - <<'EOF' >> "$OUT/summary.txt" 2>&1
+DS=$(command -v deepspeed || echo "$(dirname "$(command -v $PY)")/deepspeed")
+$PY -c "import deepspeed, xformers; print('deepspeed', deepspeed.__version__, 'xformers', xformers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+$PY -m xformers.info > $W/xformers_info.txt 2>&1 || log "xformers not usable (see xformers_info.txt)"
+# the base preset's config for train and syncs: DALL-E-architecture tokenizer (random weights: enough
+# for throughput), batch 128, the demo photos through the auto pipeline, 30 steps
+$PY - <<'PYEOF' >> $W/setup.txt 2>&1
 import json
 import torch
 from cimfast.tokenizer import DALLE_SPEC, Tokenizer
@@ -53,52 +74,77 @@ cfg["scheduler"]["params"]["warmup_num_steps"] = 10
 cfg["cimfast"].update(tokenizer_path="/tmp/dalle_random.safetensors", data_path=None, pipeline="auto",
                       max_steps=30, log_interval=10, checkpoint_interval=0, image_interval=0, progress=False)
 json.dump(cfg, open("/tmp/ds_gpu_check.json", "w"))
-EOF
-timeout 150 "$BIN/deepspeed" --num_gpus 1 --master_port 29611 cimfast/train.py --ds_config /tmp/ds_gpu_check.json \
-  --output_dir "$OUT/train_base" > "$OUT/train_base.txt" 2>&1
-log "train exit $?: $(grep -o 'data pipeline: [^(]*' "$OUT/train_base.txt" | head -1)"
-tail -1 "$OUT/train_base/metrics.jsonl" 2>/dev/null | $PY -c \
-  "import json,sys; r=json.loads(sys.stdin.read()); print({k: r.get(k) for k in ('step','loss','img_per_s','mfu','data_wait','peak_mem_gb')})" \
-  2>&1 | tee -a "$OUT/summary.txt"
+PYEOF
+pack
 
-# 3. host syncs in the step: PyTorch warns at every synchronizing CUDA call (counted), with the
-#    shipped ZeRO-2 config (overlap_comm on: DeepSpeed synchronizes in each backward) and without overlap_comm
-log "sync count (torch.cuda.set_sync_debug_mode warn)"
-$PY -c "import json; c=json.load(open('/tmp/ds_gpu_check.json')); c['zero_optimization']['overlap_comm']=False; \
-json.dump(c, open('/tmp/ds_gpu_check_no_overlap.json', 'w'))"
-for v in "" _no_overlap; do
-  timeout 50 $PY benchmarks/sync_count.py --ds_config /tmp/ds_gpu_check$v.json --bf16 --steps 6 --cuda_sync_mode warn --no-compile \
-    --out "$OUT/syncs$v.json" > "$OUT/syncs$v.txt" 2>&1
-  log "sync count$v exit $?: $(tail -c 400 "$OUT/syncs$v.json" 2>/dev/null | tr -d '\n')"
-done
+if want train; then
+  # the real command with the CUDA defaults (bf16, compile, ZeRO-2)
+  log "train: deepspeed cimfast/train.py, base preset"
+  timeout 170 "$DS" --num_gpus 1 --master_port 29611 cimfast/train.py --ds_config /tmp/ds_gpu_check.json \
+    --output_dir $W/train_base > $W/train_base.txt 2>&1
+  log "train exit $?: $(grep -o 'data pipeline: [^(]*' $W/train_base.txt | head -1)"
+  tail -1 $W/train_base/metrics.jsonl 2>/dev/null | $PY -c \
+    "import json,sys; r=json.loads(sys.stdin.read()); print({k: r.get(k) for k in ('step','loss','img_per_s','mfu','data_wait','peak_mem_gb')})" \
+    2>&1 | tee -a "$OUT/summary.txt"
+  grep -E "Error|error:|Traceback" $W/train_base.txt | head -5 | tee -a "$OUT/summary.txt"
+  pack
+fi
 
-# 4. GPU tests: kernels compiled (not interpreted), attention backends, the CIM step
-log "tests"
-CIMFAST_KERNELS=triton timeout 60 $PY -m pytest -q -x tests/test_sampling.py tests/test_pixel_loss.py \
-  tests/test_models.py tests/test_tokenizer.py -p no:cacheprovider > "$OUT/tests.txt" 2>&1
-log "tests exit $? ($(tail -1 "$OUT/tests.txt"))"
+if want tests; then
+  # kernels compiled (not interpreted), attention backends, the tokenizer, on CUDA
+  log "tests"
+  CIMFAST_KERNELS=triton timeout 90 $PY -m pytest -q tests/test_sampling.py tests/test_pixel_loss.py \
+    tests/test_models.py tests/test_tokenizer.py -p no:cacheprovider > $W/tests.txt 2>&1
+  log "tests exit $? ($(tail -1 $W/tests.txt))"
+  grep -E "^(FAILED|ERROR)" $W/tests.txt | head -10 | tee -a "$OUT/summary.txt"
+  pack
+fi
 
-# 5. kernel benchmarks, each beside its reference
-log "kernel benchmarks"
-timeout 45 $PY -m pytest -q benchmarks/bench_kernels.py -p no:cacheprovider --benchmark-json "$OUT/bench_kernels.json" \
-  > "$OUT/bench_kernels.txt" 2>&1
-log "kernel benchmarks exit $?"
-
-# 6. end to end, plain path against fast path: large (base ran above through the real command)
-log "e2e large batch 64"
-timeout 65 $PY benchmarks/bench_e2e.py --preset large --batch 64 --steps 10 --warmup 3 --out "$OUT" \
-  > "$OUT/e2e_large.txt" 2>&1
-log "e2e large exit $?: $(tail -1 "$OUT/e2e_large.txt")"
-# 7. evaluation on CUDA: bf16 fine-tuning (fused AdamW, mixup, layer decay, val top-1) and k-NN features on
-#    the device, on small synthetic labelled folders (no scikit-learn needed)
-log "finetune + evaluate (CUDA)"
-$PY -c "import json, sys; sys.path.insert(0, '.'); from tests.labelled import make_labelled as m; \
+if want finetune; then
+  # bf16 fine-tuning (fused AdamW, mixup, layer decay, val top-1) and k-NN features on the device,
+  # on small synthetic labelled folders
+  log "finetune + evaluate (CUDA)"
+  $PY -c "import json; from tests.labelled import make_labelled as m; \
 m('/tmp/lab/train', classes=4, per_class=16); m('/tmp/lab/val', classes=4, per_class=4, seed=1); \
 c = json.load(open('configs/ds_finetune_vit_base.json')); c.update(train_batch_size=32, train_micro_batch_size_per_gpu=32); \
-json.dump(c, open('/tmp/ds_ft_check.json', 'w'))"
-timeout 55 bash -c "\"$BIN/deepspeed\" --num_gpus 1 --master_port 29612 cimfast/finetune.py --ds_config /tmp/ds_ft_check.json --model random \
-  --train_path /tmp/lab/train --val_path /tmp/lab/val --epochs 2 --output_dir \"$OUT/finetune\" --no-progress \
-  --log_interval 1 --num_workers 2 && $PY -m cimfast.evaluate knn --model random --train_path /tmp/lab/train \
-  --val_path /tmp/lab/val --num_workers 2 --out \"$OUT/knn.json\"" > "$OUT/finetune.txt" 2>&1
-log "finetune + evaluate exit $?: $(grep -h val_top1 "$OUT/finetune/metrics.jsonl" 2>/dev/null | tail -1)"
+json.dump(c, open('/tmp/ds_ft_check.json', 'w'))" > $W/finetune_setup.txt 2>&1
+  timeout 60 bash -c "\"$DS\" --num_gpus 1 --master_port 29612 cimfast/finetune.py --ds_config /tmp/ds_ft_check.json --model random \
+    --train_path /tmp/lab/train --val_path /tmp/lab/val --epochs 2 --output_dir $W/finetune --no-progress \
+    --log_interval 1 --num_workers 2 && $PY -m cimfast.evaluate knn --model random --train_path /tmp/lab/train \
+    --val_path /tmp/lab/val --num_workers 2 --out $W/knn.json" > $W/finetune.txt 2>&1
+  log "finetune + evaluate exit $?: $(grep -h val_top1 $W/finetune/metrics.jsonl 2>/dev/null | tail -1 | cut -c1-300)"
+  grep -E "Error|error:|Traceback" $W/finetune.txt | head -5 | tee -a "$OUT/summary.txt"
+  pack
+fi
+
+if want e2e; then
+  # plain path against fast path in the same run (base ran above through the real command)
+  log "e2e large batch 64"
+  timeout 75 $PY benchmarks/bench_e2e.py --preset large --batch 64 --steps 10 --warmup 3 --out $W \
+    > $W/e2e_large.txt 2>&1
+  log "e2e large exit $?: $(tail -1 $W/e2e_large.txt)"
+  pack
+fi
+
+if want kernels; then
+  log "kernel benchmarks"
+  timeout 45 $PY -m pytest -q benchmarks/bench_kernels.py -p no:cacheprovider --benchmark-json $W/bench_kernels.json \
+    > $W/bench_kernels.txt 2>&1
+  log "kernel benchmarks exit $? ($(tail -1 $W/bench_kernels.txt))"
+  pack
+fi
+
+if want syncs; then
+  # PyTorch warns at every synchronizing CUDA call (counted), with the shipped ZeRO-2 config
+  # (overlap_comm on: DeepSpeed synchronizes in each backward) and without overlap_comm
+  log "sync count (torch.cuda.set_sync_debug_mode warn)"
+  $PY -c "import json; c=json.load(open('/tmp/ds_gpu_check.json')); c['zero_optimization']['overlap_comm']=False; \
+json.dump(c, open('/tmp/ds_gpu_check_no_overlap.json', 'w'))"
+  for v in "" _no_overlap; do
+    timeout 45 $PY benchmarks/sync_count.py --ds_config /tmp/ds_gpu_check$v.json --bf16 --steps 6 --cuda_sync_mode warn \
+      --no-compile --out $W/syncs$v.json > $W/syncs$v.txt 2>&1
+    log "sync count$v exit $?: $(tail -c 400 $W/syncs$v.json 2>/dev/null | tr -d '\n')"
+  done
+  pack
+fi
 log "done"

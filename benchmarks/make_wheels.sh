@@ -9,7 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p wheels
 DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation "deepspeed==0.19.8" -w wheels
-.venv/bin/python -m pip download -q --no-deps "xformers==0.0.35" -d wheels
+# DeepSpeed's needs that the GPU machine's image lacks (pydantic's compiled core for its Python, 3.12)
+P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+.venv/bin/python -m pip download -q $P -d wheels hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+  annotated-types==0.8.0 typing-inspection==0.4.5
+# 0.0.35 is a small wheel built on PyTorch's own attention kernels (torch>=2.10), not tied to one torch build
+.venv/bin/python -m pip download -q $P -d wheels "xformers==0.0.35"
 if [ "${WITH_DALI:-1}" = 1 ]; then
   rm -rf wheels_dali && mkdir -p wheels_dali/dl
   .venv/bin/python -m pip download -q --no-deps "nvidia-dali-cuda130==2.4.0" -d wheels_dali/dl
