@@ -128,11 +128,12 @@ def main(argv=None) -> int:
     spec = DALLE_SPEC if cfg.tokenizer == "dalle" else build_tokenizer(cfg).spec
     flops = count_step_flops(lambda: CIMModel(cfg, Tokenizer(spec)), synthetic_batch(cfg, 1, torch.device("cpu")))
     peak = peak_flops(device, None)
-    results = [measure(cfg, a.batch, device, fast, a.steps, a.warmup) for fast in (False, True)]
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; preset {a.preset}, "
           f"batch {a.batch}; {flops['total'] / 1e9:.2f} GFLOP per image per step "
-          f"(tokenizer {flops['tokenizer'] / 1e9:.2f})")
-    for r in results:
+          f"(tokenizer {flops['tokenizer'] / 1e9:.2f})", flush=True)
+    results = []
+    for fast in (False, True):  # each line as soon as it is measured: a run cut short still says something
+        r = measure(cfg, a.batch, device, fast, a.steps, a.warmup)
         if peak:
             r["mfu"] = r["img_per_s"] * flops["total"] / peak
         sp = r["split_s"]
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
         print(f"{r['path']:>5}: {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms"
               + (f"  MFU {r['mfu']:.1%}" if peak else "")
               + (f"  peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else "")
-              + "  split " + ", ".join(f"{k} {v / tot:.0%}" for k, v in sp.items()))
+              + "  split " + ", ".join(f"{k} {v / tot:.0%}" for k, v in sp.items()), flush=True)
+        results.append(r)
     ratio = results[1]["img_per_s"] / results[0]["img_per_s"]
     print(f"fast / plain: {ratio:.2f}x")
     if a.out:

@@ -39,6 +39,7 @@ METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 class SyncCounter:
     def __init__(self):
         self.active = False
+        self.inside = False  # within a counted call: what it calls is the same sync
         self.where = collections.Counter()
         self.count = 0
 
@@ -53,8 +54,16 @@ class SyncCounter:
         original = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
+            # one sync is counted once: DeepSpeed's accelerator.synchronize calls torch.cuda.synchronize
+            # (an H200 run counted both, at the same place)
+            if self.inside:
+                return original(*args, **kwargs)
             self.record(label)
-            return original(*args, **kwargs)
+            self.inside = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.inside = False
 
         setattr(owner, name, wrapped)
 

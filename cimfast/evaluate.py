@@ -470,4 +470,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cimfast.preflight import run_and_exit
+
+    run_and_exit(main)

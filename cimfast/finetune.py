@@ -39,7 +39,7 @@ from cimfast.cli import parse
 from cimfast.config import InputError, RunConfig, require
 from cimfast.cim import IMAGENET_MEAN, IMAGENET_STD
 from cimfast.evaluate import ViewSource, labelled_files, load_enhancer, normalized, resolve_paths
-from cimfast.preflight import check_run, guarded
+from cimfast.preflight import check_run, guarded, run_and_exit
 from cimfast.runtime import Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job, setup_logging, \
     write_config
 
@@ -225,28 +225,6 @@ def main(argv=None) -> int:
     return guarded(lambda: finetune(argv), argv)
 
 
-def run_and_exit(argv=None) -> None:
-    """The script's exit: a user saw 2 of 11 runs hang after their last line
-    (metrics closed, checkpoint written), waiting on DataLoader workers at
-    interpreter teardown, and a run whose worker raised hang the same way
-    (the cause is not found yet). Everything is flushed, then the process
-    leaves without that teardown."""
-    import traceback
-
-    code = 1
-    try:
-        code = main(argv)
-    except BaseException as e:  # noqa: BLE001  (reported like Python would, then the same exit)
-        if not isinstance(e, SystemExit):
-            traceback.print_exc()
-        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-
-
 def finetune(argv) -> int:
     fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast/finetune.py",
                                        what="Fine-tune a pre-trained enhancer (full fine-tuning).",
@@ -367,4 +345,4 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
 
 
 if __name__ == "__main__":
-    run_and_exit()
+    run_and_exit(main)

@@ -76,15 +76,31 @@ def _unscale_and_clip_grads_on_device(self, grad_groups_flat, total_norm):
             g.data.mul_(1. / combined_scale)
 
 
+def mask_nan_or_inf_on_device(input, device=None, val=-1.):
+    """DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` (ZeRO-1/2 marks a
+    non-finite gradient norm as -1, whatever ``val`` says) without its two host
+    syncs: it builds the fill value with ``torch.tensor(-1.0, device=...)`` (a
+    copy from pageable host memory) and hands ``masked_fill_`` that tensor (read
+    back with ``.item()``). ``torch.cuda.set_sync_debug_mode`` counted both,
+    twice per step (once per parameter group), with ZeRO-2 on an H200. A Python
+    float fills without either."""
+    input.masked_fill_(~torch.isfinite(input), -1.0)
+
+
 def remove_clip_sync(optimizer) -> bool:
-    """Give a DeepSpeed ZeRO-1/2 optimizer the sync-free gradient clipping above."""
+    """Give a DeepSpeed ZeRO-1/2 optimizer the sync-free gradient clipping above,
+    and its gradient-norm masking the sync-free twin just above (a module-level
+    function there: every ZeRO-1/2 optimizer of the process gets it)."""
     try:
+        from deepspeed.runtime.zero import stage_1_and_2
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:
         return False
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not hasattr(optimizer, "unscale_and_clip_grads"):
         return False
     optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads_on_device, optimizer)
+    if hasattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace"):
+        stage_1_and_2.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_on_device
     return True
 
 

@@ -104,3 +104,26 @@ def guarded(body: Callable[[], int], argv) -> int:
         return body()
     except InputError as e:
         return report(e, debug)
+
+
+def run_and_exit(main: Callable[[], int]) -> None:
+    """A script's exit: ``main()``'s code, or 1 with the traceback printed as
+    Python would, then everything flushed and the process gone without the
+    interpreter's teardown. That teardown hung: after their last line (metrics
+    closed, checkpoint written) 2 of 11 fine-tuning runs waited on DataLoader
+    workers, and on an H200 a pre-training run that raised sat 40 s, until
+    killed, instead of exiting, holding its GPU (the launcher waits for it)."""
+    import traceback
+
+    code = 1
+    try:
+        code = main()
+    except BaseException as e:  # noqa: BLE001  (reported like Python would, then the same exit)
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)

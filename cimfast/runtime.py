@@ -165,7 +165,9 @@ def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Op
                                            optimizer=optimizer, config=ds_cfg)
     remove_clip_sync(engine.optimizer)
     if run.compile:
-        engine.compile()
+        # static shapes: the step's shapes never change, and inductor's dynamic-batch recompile of the
+        # ResPix target's float64 cumsum crashed on an H200 (torch 2.11) when another shape came by
+        engine.compile(compile_kwargs={"dynamic": False})
     return engine
 
 
@@ -261,6 +263,13 @@ class Outputs:
             self.picture(f"picture_step{step:08d}.png")
         return spent
 
+    def abandon(self) -> None:
+        """A run that raised: the progress bar closed, metrics and TensorBoard flushed."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
     def close(self, step: int) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -307,39 +316,43 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
              job.name, world, micro, gas, micro * gas * world, job.summary)
 
     code, stopped = 0, False
-    engine.train()
-    while step < run.max_steps and not stopped:
-        train_step(engine, job, batches, guard, meter, state, step)
-        if guard.exhausted:  # host path: the micro-batches kept failing
-            code = nonfinite_stop(run.max_nonfinite)
-            break
-        step += 1
-        if outputs.bar is not None:
-            outputs.bar.update(1)
-        if step % run.log_interval == 0 or step == run.max_steps:  # the one host read
-            meter.waited(batches.take_wait())
-            metrics = meter.report(step, guard.counters())
-            metrics.update(log_extras(engine, device))
-            if job.on_log is not None:
-                metrics.update(job.on_log(step, metrics, engine))
-            _, in_a_row = guard.read(metrics)
-            outputs.show(step, metrics)
-            if in_a_row >= run.max_nonfinite:
-                code = nonfinite_stop(in_a_row)
+    try:
+        engine.train()
+        while step < run.max_steps and not stopped:
+            train_step(engine, job, batches, guard, meter, state, step)
+            if guard.exhausted:  # host path: the micro-batches kept failing
+                code = nonfinite_stop(run.max_nonfinite)
                 break
-        meter.since += outputs.periodic(state, step)
-        stopped = stopper.agreed()
+            step += 1
+            if outputs.bar is not None:
+                outputs.bar.update(1)
+            if step % run.log_interval == 0 or step == run.max_steps:  # the one host read
+                meter.waited(batches.take_wait())
+                metrics = meter.report(step, guard.counters())
+                metrics.update(log_extras(engine, device))
+                if job.on_log is not None:
+                    metrics.update(job.on_log(step, metrics, engine))
+                _, in_a_row = guard.read(metrics)
+                outputs.show(step, metrics)
+                if in_a_row >= run.max_nonfinite:
+                    code = nonfinite_stop(in_a_row)
+                    break
+            meter.since += outputs.periodic(state, step)
+            stopped = stopper.agreed()
 
-    state["nonfinite_total"] = guard.total_now()
-    if code:
-        outputs.save(state, step, "non-finite losses")
-    elif stopped and step < run.max_steps:
-        outputs.save(state, step, "signal")
-        log.info("stopped by signal at step %d; continue with --resume auto", step)
-    else:
-        outputs.save(state, step, "end")
-        outputs.evaluate(step)
-        outputs.picture("picture_final.png")
+        state["nonfinite_total"] = guard.total_now()
+        if code:
+            outputs.save(state, step, "non-finite losses")
+        elif stopped and step < run.max_steps:
+            outputs.save(state, step, "signal")
+            log.info("stopped by signal at step %d; continue with --resume auto", step)
+        else:
+            outputs.save(state, step, "end")
+            outputs.evaluate(step)
+            outputs.picture("picture_final.png")
+    except BaseException:
+        outputs.abandon()  # what was logged reaches the disk before the error propagates
+        raise
     outputs.close(step)
     return code
 

@@ -32,7 +32,7 @@ from cimfast.config import RunConfig, require
 from cimfast.dataloading import build_batches, build_image_dataset
 from cimfast.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.export import full_state_dict
-from cimfast.preflight import check_run, guarded
+from cimfast.preflight import check_run, guarded, run_and_exit
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
 from cimfast.pipelines.views import as_unit
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
@@ -209,4 +209,4 @@ def write_tokenizer(run: RunConfig, heldout: typing.Optional[torch.Tensor]) -> N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -23,10 +23,11 @@ from cimfast.cli import parse
 from cimfast.config import Config, RunConfig
 from cimfast.dataloading import build_batches, build_dataset, fixed_batch
 from cimfast.evaluate import LabelledSplits
+from cimfast.kernels.dispatch import use_triton
 from cimfast.metrics import CodeMarginal, ReplacedWatch, count_step_flops
 from cimfast.models.attention import probe
 from cimfast.pictures import save_grid
-from cimfast.preflight import check_run, guarded
+from cimfast.preflight import check_run, guarded, run_and_exit
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
                              setup_logging, write_config)
 from cimfast.tokenizer import Tokenizer
@@ -72,6 +73,7 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
         tokenizer.fast(torch.bfloat16, compile=run.compile)
     probe(device, torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else
           torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32)
+    use_triton(torch.empty(0, device=device))  # logs the kernels' choice for this device, eagerly
 
     marginal = CodeMarginal(tokenizer.vocab_size, device)
     watch = ReplacedWatch(run.max_steps)
@@ -101,7 +103,10 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     def picture(module, path):
         b = {k: v.to(device) for k, v in shown.items()}
-        out = module(b["images"], b["images_tok"], b["mask"], b["sample_key"], return_visuals=True)
+        # forward, not __call__: eager, not the compiled step. Calling the compiled module with 8
+        # images and return_visuals recompiled it at every picture, and on an H200 (torch 2.11)
+        # that dynamic-shape recompile crashed inductor in the ResPix target's float64 cumsum.
+        out = module.forward(b["images"], b["images_tok"], b["mask"], b["sample_key"], return_visuals=True)
         if path:
             save_grid(out["visuals"], cfg.patch_size, path)
 
@@ -114,4 +119,4 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -180,6 +180,20 @@ def test_a_nonfinite_gradient_norm_with_a_finite_loss_skips_the_step():
         assert float(opt.found_inf) == 1.0
 
 
+@pytest.mark.parametrize("value", [2.5, 0.0, float("inf"), -float("inf"), float("nan")])
+def test_norm_masking_without_host_sync_matches_deepspeed(value):
+    """The sync-free twin of DeepSpeed's gradient-norm masking writes what DeepSpeed's writes."""
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    from cimfast.guards import mask_nan_or_inf_on_device
+
+    ours, theirs = torch.tensor(value), torch.tensor(value)
+    mask_nan_or_inf_on_device(ours, device="cpu")
+    mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
+    assert torch.equal(ours, theirs) and ours.dtype == theirs.dtype
+    assert float(ours) == (value if value == value and abs(value) != float("inf") else -1.0)
+
+
 def test_meter_leaves_nonfinite_values_out_of_the_means():
     from cimfast.metrics import Meter
 
@@ -216,6 +230,9 @@ fill_auto(ds, RunConfig(max_steps=10))
 assert ds["bf16"]["check_grad_overflow"] is False
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
 remove_clip_sync(engine.optimizer)
+from deepspeed.runtime.zero import stage_1_and_2
+from cimfast.guards import mask_nan_or_inf_on_device
+assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is mask_nan_or_inf_on_device
 guard = NonFiniteGuard(engine.optimizer, torch.device("cpu"), 1)
 assert guard.on_device
 

@@ -104,3 +104,20 @@ def test_a_busy_port_under_the_deepspeed_launcher(tmp_path):
     line = _one_line(r, str(port), "--master_port")
     assert "in use" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_script_that_raises_exits_at_once_with_its_traceback():
+    """The entry scripts end through run_and_exit: a run that raised on an H200 sat 40 s after its
+    traceback (until killed), holding the GPU. A thread that never ends must not keep it alive."""
+    code = ("import threading, time\n"
+            "from cimfast.preflight import run_and_exit\n"
+            "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+            "def main():\n"
+            "    raise RuntimeError('inductor fell over')\n"
+            "run_and_exit(main)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and "RuntimeError: inductor fell over" in r.stderr
+    ok = subprocess.run([sys.executable, "-c", code.replace("raise RuntimeError('inductor fell over')", "return 0")],
+                        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr

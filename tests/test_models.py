@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cimfast.models.attention import attention, attention_math, backend, set_backend
+from cimfast.models.attention import _xformers_works, attention, attention_math, backend, set_backend
 from cimfast.models.resnet import ResNetEnhancer
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer, patchify, unpatchify
 
@@ -60,6 +60,10 @@ def test_timm_names_match():
 def test_attention_backends_agree_with_math(name):
     """Every backend this machine can run agrees with math attention, forward and backward."""
     dev = "cuda" if name == "xformers" else "cpu"
+    if name == "xformers" and not _xformers_works(torch.device(dev), torch.float32):
+        # PyPI's xformers 0.0.35 has no CUDA ops of its own (built for torch 2.10+cu128: on an H200 with
+        # torch 2.11+cu130 no operator took the call); training then runs on SDPA, and says so
+        pytest.skip("xformers attention does not run here in float32 (its probe failed: the captured log says why)")
     q, k, v = (torch.randn(2, 3, 10, 8, device=dev, requires_grad=True) for _ in range(3))
     ref = attention_math(q, k, v)
     try:

@@ -357,3 +357,16 @@ def test_dispatch_logs_each_choice_once(monkeypatch, caplog):
             dispatch.use_triton(torch.zeros(1))
     lines = [r.getMessage() for r in caplog.records if r.name == "cimfast"]
     assert lines == ["cimfast kernels: reference (CIMFAST_KERNELS=reference)"]
+
+
+def test_dispatch_leaves_meta_tensors_unlogged(monkeypatch, caplog):
+    """FLOP counting runs the model on the meta device: that choice is not the run's, and a GPU
+    run's log opened with "cimfast kernels: reference (tensors are not on CUDA)" before it."""
+    monkeypatch.setattr(dispatch, "_logged", set())
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    with caplog.at_level(logging.INFO, logger="cimfast"):
+        assert dispatch.use_triton(torch.empty(2, device="meta")) is False
+        assert not [r for r in caplog.records if r.name == "cimfast"]
+        dispatch.use_triton(torch.zeros(1))
+    assert [r.getMessage() for r in caplog.records if r.name == "cimfast"] == [
+        "cimfast kernels: reference (tensors are not on CUDA)"]

@@ -324,3 +324,29 @@ def test_two_nodes_match_one_node_with_two_ranks(runs, tmp_path):
     assert sorted(b) == [1, 2, 3]
     for s in b:
         assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
+
+
+def test_pictures_run_eagerly_beside_the_compiled_step(tmp_path):
+    """The picture calls the model's forward, not the compiled module: a picture through the
+    compiled step recompiled it (8 images, return_visuals) and crashed inductor on an H200.
+    Here the compile backend refuses every graph: the picture must not reach it."""
+    from cimfast import train
+    from cimfast.cim import build_tokenizer
+    from cimfast.cli import parse
+    from cimfast.dataloading import build_dataset, fixed_batch
+
+    cfg, run, ds_cfg, ds_path = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_demo.json"),
+                                       "--output_dir", str(tmp_path), "--knn_train_path", "", "--knn_val_path", ""])
+    job = train.setup(cfg, run, ds_cfg, ds_path, build_tokenizer(cfg), 0, 1, torch.device("cpu"))
+
+    def refuse(gm, example_inputs):
+        raise RuntimeError("the compiled module was called")
+
+    job.model.compile(backend=refuse)
+    job.model.eval()
+    with torch.no_grad():
+        job.picture(job.model, str(tmp_path / "picture.png"))
+        assert (tmp_path / "picture.png").stat().st_size > 0
+        b = fixed_batch(build_dataset(cfg, run), 2)
+        with pytest.raises(Exception, match="compiled module was called"):  # the refusal is armed
+            job.model(b["images"], b["images_tok"], b["mask"], b["sample_key"])
