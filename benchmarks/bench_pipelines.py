@@ -88,6 +88,7 @@ PIPELINES = {
     "torch-pil": "torch DataLoader, PIL decoding + float resizing (the old path: the baseline)",
     "torch-tv": "torch DataLoader, torchvision.io decoding + uint8 resizing (the torch path now)",
     "dali-cpu": "DALI on the CPU (ROI decoding, uint8 resizing)",
+    "dali-gpu": "DALI on the GPU (nvJPEG decoding, outputs on cuda:0; where CUDA is)",
 }
 
 
@@ -103,7 +104,15 @@ def _iterator(name, files, batch, threads, size, tok_size, mask_fn):
         return iter(loader)
     if name == "dali-cpu":
         return DaliBatches(files, size, tok_size, batch, seed=0, mask_fn=mask_fn, threads=threads, py_workers=0)
+    if name == "dali-gpu":
+        return DaliBatches(files, size, tok_size, batch, seed=0, mask_fn=mask_fn, threads=threads, py_workers=0,
+                           device="gpu", device_id=0)
     raise ValueError(f"unknown pipeline {name}; known: {', '.join(PIPELINES)}")
+
+
+def _wait(batch) -> None:
+    if any(v.is_cuda for v in batch.values()):
+        torch.cuda.synchronize()
 
 
 def _one_thread(_):
@@ -124,9 +133,11 @@ def bench(files: list[str], batch: int = 64, threads: int = 2, batches: int = 20
             it = _iterator(name, files, batch, threads, size, tok_size, mask_fn)
             for _ in range(warmup):
                 b = next(it)
+            _wait(b)
             t0 = time.perf_counter()
             for _ in range(batches):
                 b = next(it)
+            _wait(b)  # a batch on the GPU is done when its stream is
             rates[name].append(batches * batch / (time.perf_counter() - t0))
             shapes[name] = {k: (tuple(v.shape), str(v.dtype)) for k, v in b.items()}
             ranges[name] = {k: (round(float(v.min()), 3), round(float(v.max()), 3)) for k, v in b.items()
@@ -156,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-masks", action="store_true")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (the median is reported)")
-    ap.add_argument("--only", nargs="*", default=list(PIPELINES))
+    ap.add_argument("--only", nargs="*", default=[n for n in PIPELINES if n != "dali-gpu" or torch.cuda.is_available()])
     a = ap.parse_args(argv)
     files = make_jpegs(os.path.join(a.folder, str(a.files)), a.files)
     res = bench(files, a.batch, a.threads, a.batches, a.warmup, a.size, a.size // 2, not a.no_masks, a.only,
@@ -171,6 +182,8 @@ def main(argv=None) -> int:
         print(f"DALI CPU / torchvision+PIL = {res['dali-cpu']['x_torch_pil']:.2f}x"
               + (f"; DALI CPU / torch path now = {res['dali-cpu']['img_per_s'] / res['torch-tv']['img_per_s']:.2f}x"
                  if "torch-tv" in res else ""))
+    if "dali-gpu" in res and "torch-tv" in res:
+        print(f"DALI GPU / torch path now = {res['dali-gpu']['img_per_s'] / res['torch-tv']['img_per_s']:.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({**head, "results": res}, f, indent=1)

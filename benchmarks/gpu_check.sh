@@ -15,14 +15,21 @@
 #   kernels 30    kernel benchmarks, each beside its reference (19 s)
 #   syncs 60      host syncs per step (torch.cuda.set_sync_debug_mode), with and without overlap_comm (28 + 23 s)
 # All of them: 455 s, plus ~45 s of installs and set-up: one call with timeout_s 540.
+# Not in the default list (DALI must be carried first, in parts):
+#   dali 200      DALI on the GPU: bench_pipelines (torch, DALI CPU, DALI GPU on 500 JPEGs), the pipeline
+#                 tests, and the real command on those JPEGs with --pipeline dali-gpu (base preset, 20 steps).
+#                 Run it in the call that carries the last DALI part: "bash benchmarks/gpu_check.sh $OUT dali".
 #
 # The GPU machine has PyTorch, Triton, torchvision and timm but no package
 # registry. Bring the rest as wheels in ./wheels (ignored by git), made on a
 # CPU machine with:   WITH_DALI=0 bash benchmarks/make_wheels.sh   (~8 MB)
-# DALI's CUDA 13 wheel (~199 MB) does not fit one device call's carry (64 MiB):
-# make_wheels.sh splits it into wheels_dali/part-* (60 MB each), carried one per
-# call back to back while the machine stays warm; the parts are joined and
-# installed here when all of them arrived.
+# and carry them: run command "bash benchmarks/gpu_check.sh $OUT", carry ["wheels"], timeout_s 540.
+# DALI's CUDA 13 wheel (~199 MB) does not fit one call's carry (64 MiB with the tree):
+# make_wheels.sh (WITH_DALI=1) splits it into wheels_dali/part-aa..ad (56 MiB each).
+# Carry part-aa, -ab, -ac in three calls back to back (command "true"; ignored files
+# stay on a warm machine, and it goes idle after ~30 s), then the last part with the
+# DALI step: carry ["wheels", "wheels_dali/part-ad", "wheels_dali/name"], command
+# "bash benchmarks/gpu_check.sh $OUT dali". The parts are joined and checked here.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTPUT_DIR [STEP ...]}
 shift
@@ -155,6 +162,25 @@ json.dump(c, open('/tmp/ds_gpu_check_no_overlap.json', 'w'))"
       --no-compile --out $W/syncs$v.json > $W/syncs$v.txt 2>&1
     log "sync count$v exit $?: $(tail -c 400 $W/syncs$v.json 2>/dev/null | tr -d '\n')"
   done
+  pack
+fi
+if want dali; then
+  if $PY -c "import nvidia.dali" > $W/dali_import.txt 2>&1; then
+    log "dali: pipelines on 500 JPEGs, batch 128, 8 threads"
+    timeout 70 $PY benchmarks/bench_pipelines.py --files 500 --batch 128 --threads 8 --batches 10 --rounds 1 \
+      --folder /tmp/jpegs --only torch-tv dali-cpu dali-gpu --json $W/pipelines.json > $W/pipelines.txt 2>&1
+    log "pipelines exit $?: $(grep -E 'img/s|DALI' $W/pipelines.txt | cut -c1-60 | tr '\n' ';')"
+    timeout 60 $PY -m pytest -q -rs tests/test_pipelines.py -p no:cacheprovider > $W/tests_pipelines.txt 2>&1
+    log "pipeline tests exit $? ($(tail -1 $W/tests_pipelines.txt))"
+    $PY -c "import json; c=json.load(open('/tmp/ds_gpu_check.json')); c['cimfast'].update(data_path='/tmp/jpegs/500', \
+pipeline='dali-gpu'); json.dump(c, open('/tmp/ds_gpu_check_dali.json', 'w'))"
+    timeout 130 "$DS" --num_gpus 1 --master_port 29613 cimfast/train.py --ds_config /tmp/ds_gpu_check_dali.json \
+      --output_dir $W/train_dali > $W/train_dali.txt 2>&1
+    log "train with dali-gpu exit $?: $(grep -o 'data pipeline: [^(]*' $W/train_dali.txt | head -1)"
+    tail -1 $W/train_dali/metrics.jsonl 2>/dev/null | cut -c1-400 | tee -a "$OUT/summary.txt"
+  else
+    log "dali: skipped, nvidia.dali does not import ($(tail -1 $W/dali_import.txt))"
+  fi
   pack
 fi
 log "done"

@@ -20,7 +20,7 @@ if [ "${WITH_DALI:-1}" = 1 ]; then
   .venv/bin/python -m pip download -q --no-deps "nvidia-dali-cuda130==2.4.0" -d wheels_dali/dl
   whl=$(ls wheels_dali/dl/*.whl | head -1)
   basename "$whl" > wheels_dali/name
-  split -b 60m "$whl" wheels_dali/part-
+  split -b 56m "$whl" wheels_dali/part-
   rm -rf wheels_dali/dl
 fi
 ls -la wheels wheels_dali 2>/dev/null
