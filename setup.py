@@ -35,6 +35,6 @@ setup(
         "xformers": ["xformers>=0.0.28"],
         "dev": ["pytest>=7", "pytest-benchmark>=4", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["cimfast-train=cimfast.train:main", "cimfast-export=cimfast.export:main",
-                                      "cimfast-evaluate=cimfast.evaluate:main", "cimfast-finetune=cimfast.finetune:main"]},
+    entry_points={"console_scripts": ["cimfast-train=cimfast.train:cli", "cimfast-export=cimfast.export:main",
+                                      "cimfast-evaluate=cimfast.evaluate:cli", "cimfast-finetune=cimfast.finetune:cli"]},
 )

@@ -133,7 +133,7 @@ def bench(files: list[str], batch: int = 64, threads: int = 2, batches: int = 20
             it = _iterator(name, files, batch, threads, size, tok_size, mask_fn)
             for _ in range(warmup):
                 b = next(it)
-            _wait(b)
+                _wait(b)
             t0 = time.perf_counter()
             for _ in range(batches):
                 b = next(it)

@@ -13,7 +13,8 @@ DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation "
 P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 .venv/bin/python -m pip download -q $P -d wheels hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
   annotated-types==0.8.0 typing-inspection==0.4.5
-# 0.0.35 is a small wheel built on PyTorch's own attention kernels (torch>=2.10), not tied to one torch build
+# xformers 0.0.35: on the H200 (torch 2.11+cu130) it imported but ran no attention (built for torch
+# 2.10+cu128, no CUDA operators of its own), and training fell back to SDPA; carried to keep checking that
 .venv/bin/python -m pip download -q $P -d wheels "xformers==0.0.35"
 if [ "${WITH_DALI:-1}" = 1 ]; then
   rm -rf wheels_dali && mkdir -p wheels_dali/dl

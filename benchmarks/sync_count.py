@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 
@@ -39,7 +40,8 @@ METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 class SyncCounter:
     def __init__(self):
         self.active = False
-        self.inside = False  # within a counted call: what it calls is the same sync
+        self.local = threading.local()  # .inside: within a counted call, what it calls is the same sync
+        self.cuda_warns = False  # PyTorch's warnings count the CUDA syncs: Tensor reads of CUDA tensors are left to them
         self.where = collections.Counter()
         self.count = 0
 
@@ -55,15 +57,17 @@ class SyncCounter:
 
         def wrapped(*args, **kwargs):
             # one sync is counted once: DeepSpeed's accelerator.synchronize calls torch.cuda.synchronize
-            # (an H200 run counted both, at the same place)
-            if self.inside:
+            # (an H200 run counted both, at the same place), and with --cuda_sync_mode PyTorch's own
+            # warning already counts a read of a CUDA tensor
+            if getattr(self.local, "inside", False) or (
+                    self.cuda_warns and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda):
                 return original(*args, **kwargs)
             self.record(label)
-            self.inside = True
+            self.local.inside = True
             try:
                 return original(*args, **kwargs)
             finally:
-                self.inside = False
+                self.local.inside = False
 
         setattr(owner, name, wrapped)
 
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
 
     counter = SyncCounter()
     counter.install()
+    counter.cuda_warns = bool(a.cuda_sync_mode)
     per_step = []
     original_step = runtime.train_step
 

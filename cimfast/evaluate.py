@@ -469,7 +469,12 @@ def main(argv=None) -> int:
     return guarded(lambda: evaluate(a), argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The script's and the console script cimfast-evaluate's exit (see run_and_exit)."""
     from cimfast.preflight import run_and_exit
 
     run_and_exit(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,7 +17,6 @@ recipes, with their sources in ``recipe`` and in the README:
 """
 from __future__ import annotations
 
-import os
 import sys
 
 if __name__ == "__main__" and not __package__:
@@ -344,5 +343,10 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
                        f"{run.max_steps} steps")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The script's and the console script cimfast-finetune's exit (see run_and_exit)."""
     run_and_exit(main)
+
+
+if __name__ == "__main__":
+    cli()

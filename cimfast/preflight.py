@@ -107,23 +107,37 @@ def guarded(body: Callable[[], int], argv) -> int:
 
 
 def run_and_exit(main: Callable[[], int]) -> None:
-    """A script's exit: ``main()``'s code, or 1 with the traceback printed as
-    Python would, then everything flushed and the process gone without the
-    interpreter's teardown. That teardown hung: after their last line (metrics
-    closed, checkpoint written) 2 of 11 fine-tuning runs waited on DataLoader
-    workers, and on an H200 a pre-training run that raised sat 40 s, until
-    killed, instead of exiting, holding its GPU (the launcher waits for it)."""
+    """A script's exit: ``main()``'s code, then everything flushed and the
+    process gone without the interpreter's teardown. That teardown hung: after
+    their last line (metrics closed, checkpoint written) 2 of 11 fine-tuning
+    runs waited on DataLoader workers; on an H200 a pre-training run that raised
+    sat 40 s after its traceback, until killed, holding its GPU (the launcher
+    waits for it); a 2-rank evaluation on the CPU aborted in teardown
+    ("terminate called without an active exception", exit 250).
+
+    Exit codes are Python's: an exception prints its traceback and exits 1,
+    ``SystemExit`` keeps its code (None: 0; a message: printed, 1), Ctrl-C
+    before the run's own handlers exits 130."""
     import traceback
 
     code = 1
     try:
         code = main()
-    except BaseException as e:  # noqa: BLE001  (reported like Python would, then the same exit)
-        if not isinstance(e, SystemExit):
-            traceback.print_exc()
-        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        code = 0 if code is None else int(code)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001  (reported like Python would, then the same exit)
+        traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
+        for flush in (sys.stdout.flush, sys.stderr.flush, logging.shutdown):
+            try:
+                flush()
+            except Exception:  # noqa: BLE001  (a closed pipe must not keep the process alive)
+                pass
         os._exit(code)
+

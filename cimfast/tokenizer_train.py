@@ -208,5 +208,10 @@ def write_tokenizer(run: RunConfig, heldout: typing.Optional[torch.Tensor]) -> N
     log.info("tokenizer written to %s; report: %s", out, json.dumps(report.get("heldout", {})))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The script's exit (see run_and_exit)."""
     run_and_exit(main)
+
+
+if __name__ == "__main__":
+    cli()

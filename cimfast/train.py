@@ -118,5 +118,10 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
                        f"image per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The script's and the console script cimfast-train's exit (see run_and_exit)."""
     run_and_exit(main)
+
+
+if __name__ == "__main__":
+    cli()

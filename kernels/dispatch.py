@@ -58,6 +58,10 @@ def use_triton(*tensors) -> bool:
     """Whether the ops on these tensors run their Triton kernel (True) or reference (False)."""
     mode = requested()
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if any(t.is_meta for t in tensors):
+        # FLOP counting runs the model on the meta device: the reference (shapes only), whatever is
+        # forced, and nothing logged (a GPU run's log opened with "reference (not on CUDA)" before)
+        return False
     # len(), not bool(list): torch 2.11's dynamo cannot trace bool() of a list, and that graph break
     # failed fullgraph compiles of the ops on an H200 (later torch versions trace both)
     on_cuda = len(tensors) > 0 and all(t.is_cuda for t in tensors)
@@ -77,10 +81,8 @@ def use_triton(*tensors) -> bool:
         choice, why = False, "tensors are not on CUDA"
     else:
         choice, why = True, "CUDA tensors and triton available"
-    # Logging is a side effect torch.compile cannot trace: log in eager only. Meta tensors (FLOP
-    # counting) are not logged: a GPU run's log would open with "reference (not on CUDA)".
-    if (choice, why) not in _logged and not torch.compiler.is_compiling() \
-            and not any(t.is_meta for t in tensors):
+    # Logging is a side effect torch.compile cannot trace: log in eager only.
+    if (choice, why) not in _logged and not torch.compiler.is_compiling():
         _logged.add((choice, why))
         log.info("cimfast kernels: %s (%s)", "triton" if choice else "reference", why)
     return choice

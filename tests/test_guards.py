@@ -194,6 +194,22 @@ def test_norm_masking_without_host_sync_matches_deepspeed(value):
     assert float(ours) == (value if value == value and abs(value) != float("inf") else -1.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_norm_masking_makes_no_cuda_sync():
+    """DeepSpeed's version makes two host syncs on CUDA (counted on an H200); the twin none."""
+    from cimfast.guards import mask_nan_or_inf_on_device
+
+    norm = torch.tensor(float("inf"), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask_nan_or_inf_on_device(norm, device=norm.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(norm) == -1.0
+
+
 def test_meter_leaves_nonfinite_values_out_of_the_means():
     from cimfast.metrics import Meter
 

@@ -121,3 +121,27 @@ def test_a_script_that_raises_exits_at_once_with_its_traceback():
     ok = subprocess.run([sys.executable, "-c", code.replace("raise RuntimeError('inductor fell over')", "return 0")],
                         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("body, code, err", [
+    ("return None", 0, ""), ("return 2", 2, ""), ("raise SystemExit", 0, ""), ("raise SystemExit(3)", 3, ""),
+    ("raise SystemExit('cimfast: bad input')", 1, "cimfast: bad input"), ("raise KeyboardInterrupt", 130, "")])
+def test_run_and_exit_keeps_pythons_exit_codes(body, code, err):
+    src = f"from cimfast.preflight import run_and_exit\ndef main():\n    {body}\nrun_and_exit(main)\n"
+    r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == code, r.stderr
+    assert err in r.stderr and ("Traceback" not in r.stderr)
+
+
+def test_console_scripts_exit_through_run_and_exit():
+    """setup.py's console scripts name each module's cli(), which ends through run_and_exit."""
+    import importlib
+    import inspect
+    import re
+
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    scripts = dict(re.findall(r'"(cimfast-\w+)=([\w.]+:\w+)"', setup))
+    for name in ("cimfast-train", "cimfast-finetune", "cimfast-evaluate"):
+        module, func = scripts[name].split(":")
+        assert func == "cli", name
+        assert "run_and_exit(main)" in inspect.getsource(getattr(importlib.import_module(module), func))

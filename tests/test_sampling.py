@@ -366,6 +366,10 @@ def test_dispatch_leaves_meta_tensors_unlogged(monkeypatch, caplog):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     with caplog.at_level(logging.INFO, logger="cimfast"):
         assert dispatch.use_triton(torch.empty(2, device="meta")) is False
+        monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # forced: still the reference on meta, no error
+        monkeypatch.setattr(dispatch, "INTERPRETER", False)
+        assert dispatch.use_triton(torch.empty(2, device="meta")) is False
+        monkeypatch.delenv(dispatch.ENV_VAR)
         assert not [r for r in caplog.records if r.name == "cimfast"]
         dispatch.use_triton(torch.zeros(1))
     assert [r.getMessage() for r in caplog.records if r.name == "cimfast"] == [
