@@ -92,7 +92,12 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
     known = set().union(*names.values())
     unknown = sorted(set(section) - known)
     if unknown:
-        raise ConfigError(f"{SECTION}.{unknown[0]}: unknown key in {ds_path}; known keys: {', '.join(sorted(known))}")
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{SECTION}.{unknown[0]}: unknown key in {ds_path}; {hint}known keys: "
+                          f"{', '.join(sorted(known))}")
     out = []
     for c in classes:
         values = {k: v for k, v in section.items() if k in names[c]}
@@ -107,8 +112,56 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
     return (*out, ds, ds_path)
 
 
+# Top-level keys of the DeepSpeed config that cimfast's configs and README use; others are looked up
+# among the setting names DeepSpeed's own modules define (only when a config has one).
+DS_KEYS = frozenset((
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "amp", "timers", "steps_per_print",
+    "wall_clock_breakdown", "memory_breakdown", "prescale_gradients", "gradient_predivide_factor",
+    "communication_data_type", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger",
+    "compile", "checkpoint", "data_types", "aio", "elasticity", "autotuning", "data_efficiency",
+    "compression_training", "torch_autocast", "tensor_parallel", "pipeline", "sparse_attention"))
+
+
+def _deepspeed_setting_names() -> set[str]:
+    """The lower-case string constants of DeepSpeed's config modules: the names it reads settings by."""
+    import sys
+
+    import deepspeed.runtime.config  # noqa: F401  (loads its constants modules)
+
+    names = set()
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("deepspeed") and mod is not None:
+            names.update(v for k, v in vars(mod).items() if k.isupper() and isinstance(v, str) and v.islower()
+                         and v.replace("_", "").isalnum())
+    return names
+
+
+def check_ds_keys(ds: dict) -> None:
+    """DeepSpeed ignores a top-level key it does not know, silently (a misspelled
+    ``zero_optimisation`` trained without ZeRO). A key close to a known one is
+    an error naming it; any other unknown key is a warning."""
+    import difflib
+
+    unknown = [k for k in ds if k not in DS_KEYS]
+    if not unknown:
+        return
+    names = _deepspeed_setting_names() | DS_KEYS
+    for k in unknown:
+        if k in names:
+            continue
+        close = difflib.get_close_matches(k, DS_KEYS, n=1, cutoff=0.85) or \
+            difflib.get_close_matches(k, names, n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"ds_config.{k}: not a DeepSpeed setting (DeepSpeed would ignore it without a word); "
+                              f"did you mean {close[0]}?")
+        log.warning("ds_config.%s: not a setting DeepSpeed is known to read; it is probably ignored", k)
+
+
 def validate_ds_config(ds: dict) -> None:
     """The few DeepSpeed values cimfast relies on, checked before anything is built."""
+    check_ds_keys(ds)
     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if k in ds and (not isinstance(ds[k], int) or isinstance(ds[k], bool) or ds[k] < 1):
             raise ConfigError(f"ds_config.{k}: must be a positive integer (got {ds[k]!r})")

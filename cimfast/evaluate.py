@@ -129,6 +129,12 @@ def labelled_files(path: str, cache_dir: Optional[str] = None) -> tuple[list, li
 
 
 def resolve_paths(train_path: str, val_path: str, cache_dir: Optional[str] = None) -> tuple[str, str]:
+    """The two labelled folders (``demo``: the digits, written once into the cache); a missing
+    folder is named before anything is loaded."""
+    for flag, path in (("--train_path", train_path), ("--val_path", val_path)):
+        if path != "demo" and not os.path.isdir(path):
+            raise InputError(f"{flag} {path} is not a folder: give one with a subfolder of images per class, "
+                             "or demo")
     if (train_path == "demo") != (val_path == "demo"):
         raise InputError("--train_path and --val_path: demo must be given for both or neither")
     if train_path == "demo":
@@ -430,6 +436,7 @@ def evaluate(a: argparse.Namespace) -> int:
         raise InputError("--k must be positive and --temperature above 0")
     if a.protocol == "linear" and (a.epochs < 1 or a.batch_size < 1 or a.lr <= 0):
         raise InputError("--epochs, --batch_size and --lr must be positive")
+    resolve_paths(a.train_path, a.val_path, a.cache_dir)  # the folders' errors before the model loads
     enhancer, cfg = load_enhancer(a.model, a.preset, a.seed)
     rank, world, device = init_distributed()
     splits = LabelledSplits(a.train_path, a.val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)

@@ -203,3 +203,12 @@ def test_lars_is_maes_update():
     LARS([w, b], lr=10.0, trust_coefficient=0.001).step()
     assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0 - 10 * 0.001 * 5 / 2 * 2]]))
     assert torch.allclose(b.detach(), torch.tensor([1.0 - 10 * 0.5]))
+
+
+def test_a_missing_folder_is_named_before_the_model_loads(tmp_path):
+    """A missing train folder beside demo: the error names the folder, not the demo rule."""
+    r = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "knn", "--model", str(tmp_path / "no_model"),
+                        "--train_path", str(tmp_path / "nope"), "--val_path", "demo"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"--train_path {tmp_path / 'nope'} is not a folder" in r.stderr

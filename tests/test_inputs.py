@@ -53,6 +53,41 @@ def _swapped_tokenizer(tmp):
     return str(d)
 
 
+def _demo_config_with(tmp, key):
+    """The demo config with one misspelled key: "zero_optimisation" renames DeepSpeed's section,
+    "cimfast.windw" adds a misspelled key to cimfast's."""
+    cfg = json.load(open(os.path.join(ROOT, "configs", "ds_demo.json")))
+    if key.startswith("cimfast."):
+        cfg["cimfast"][key.split(".", 1)[1]] = 9
+    else:
+        cfg[key] = cfg.pop("zero_optimization")
+    path = tmp / "typo.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_unknown_deepspeed_keys_warn_and_close_ones_are_refused(caplog):
+    """DeepSpeed ignores top-level keys it does not know: a likely typo is an error, another key a warning."""
+    import logging
+
+    from cimfast.cli import check_ds_keys
+    from cimfast.config import ConfigError
+
+    for typo, meant in (("train_batch_sizee", "train_batch_size"), ("gradient_clip", "gradient_clipping")):
+        with pytest.raises(ConfigError, match=f"did you mean {meant}"):
+            check_ds_keys({typo: 1})
+    with caplog.at_level(logging.WARNING, logger="cimfast"):
+        check_ds_keys({"train_batch_size": 8, "my_notes": "x"})
+    assert [r.getMessage() for r in caplog.records if "my_notes" in r.getMessage()]
+    for name in os.listdir(os.path.join(ROOT, "configs")):  # the shipped configs: nothing unknown
+        cfg = json.load(open(os.path.join(ROOT, "configs", name)))
+        cfg.pop("cimfast", None)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cimfast"):
+            check_ds_keys(cfg)
+        assert not [r for r in caplog.records if "not a setting" in r.getMessage()], name
+
+
 CASES = {
     "missing data path": (lambda t: ["--data_path", str(t / "nope")], ("does not exist", "--data_path")),
     "empty data folder": (lambda t: (t / "empty").mkdir() or ["--data_path", str(t / "empty")], ("no images",)),
@@ -63,6 +98,10 @@ CASES = {
         lambda t: ["--tokenizer_path", _swapped_tokenizer(t), "--encoder_sha256", "0" * 64], ("pinned",)),
     "resume from a folder that is no checkpoint": (lambda t: ["--resume", str(t)], ("--resume", "checkpoint")),
     "bad value": (lambda t: ["--window", "1"], ("window",)),
+    "misspelled DeepSpeed key": (lambda t: ["--ds_config", _demo_config_with(t, "zero_optimisation")],
+                                 ("ds_config.zero_optimisation", "did you mean zero_optimization")),
+    "misspelled cimfast key": (lambda t: ["--ds_config", _demo_config_with(t, "cimfast.windw")],
+                               ("cimfast.windw", "did you mean window")),
 }
 
 
