@@ -41,6 +41,12 @@ def cells(x: torch.Tensor) -> np.ndarray:
     return x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(-1, 192).numpy()
 
 
+def crops(split: str, n: int, seed: int, size: int = 56) -> torch.Tensor:
+    """``n`` random crops of the demo photos of ``split``, [n, 3, size, size] in [0, 1]."""
+    ds = DemoDataset(size, None, samples=n, split=split, seed=seed)
+    return as_unit(torch.stack([ds[(0, i)]["images"] for i in range(n)]))
+
+
 def psnr(a, b) -> float:
     return float(10 * np.log10(1 / np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
 
@@ -75,10 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, nargs="+", default=[9, 17, 33, 49])
     ap.add_argument("--kmeans", type=int, nargs="+", default=[512, 2048], help="k-means codebook sizes")
     a = ap.parse_args(argv)
-    train_ds = DemoDataset(56, None, samples=3000, seed=0)
-    held_ds = DemoDataset(56, None, samples=64, split="heldout", seed=1)  # the tokenizer report's crops
-    train = as_unit(torch.stack([train_ds[(0, i)]["images"] for i in range(3000)]))
-    held = as_unit(torch.stack([held_ds[(0, i)]["images"] for i in range(64)]))
+    train, held = crops("train", 3000, 0), crops("heldout", 64, 1)  # held: the tokenizer report's crops
     out = {"bounds_heldout_56px": quantizer_bounds(train, held, a.kmeans)}
     tok = load_tokenizer(a.tokenizer)
     views = DemoDataset(112, 56, samples=64, seed=0)

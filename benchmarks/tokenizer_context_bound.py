@@ -31,22 +31,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenizer_bounds import cells  # noqa: E402
+from tokenizer_bounds import cells, crops  # noqa: E402
 
 from cimfast.cim import TINY_TOKENIZER  # noqa: E402
-from cimfast.pipelines.datasets import DemoDataset  # noqa: E402
-from cimfast.pipelines.views import as_unit  # noqa: E402
 from cimfast.tokenizer import Decoder, map_pixels, unmap_pixels  # noqa: E402
 from cimfast.tokenizer_files import load_tokenizer  # noqa: E402
 
 
 def db(mse: float) -> float:
     return 10 * math.log10(1 / mse)
-
-
-def crops(split: str, n: int, seed: int) -> torch.Tensor:
-    ds = DemoDataset(56, None, samples=n, split=split, seed=seed)
-    return as_unit(torch.stack([ds[(0, i)]["images"] for i in range(n)]))
 
 
 def fit_decoder(dec: Decoder, train_ids, train, held_ids, held, steps: int, lr: float) -> dict:

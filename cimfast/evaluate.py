@@ -436,10 +436,10 @@ def evaluate(a: argparse.Namespace) -> int:
         raise InputError("--k must be positive and --temperature above 0")
     if a.protocol == "linear" and (a.epochs < 1 or a.batch_size < 1 or a.lr <= 0):
         raise InputError("--epochs, --batch_size and --lr must be positive")
-    resolve_paths(a.train_path, a.val_path, a.cache_dir)  # the folders' errors before the model loads
+    train_path, val_path = resolve_paths(a.train_path, a.val_path, a.cache_dir)  # before the model loads
     enhancer, cfg = load_enhancer(a.model, a.preset, a.seed)
     rank, world, device = init_distributed()
-    splits = LabelledSplits(a.train_path, a.val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)
+    splits = LabelledSplits(train_path, val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)
     enhancer.to(device)
     feats = splits.features(enhancer, device)
     if rank == 0:  # the comparison on one rank, on the device

@@ -265,17 +265,15 @@ class Outputs:
         return spent
 
     def abandon(self) -> None:
-        """A run that raised: the progress bar closed, metrics and TensorBoard flushed."""
+        """The progress bar closed, metrics and TensorBoard flushed (all a run that raised gets)."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
 
     def close(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.abandon()
         if self.rank == 0:
-            self.writer.close()
             records = read_metrics(self.run.output_dir)
             if records:
                 save_loss_plot(records, os.path.join(self.run.output_dir, "loss.png"))
