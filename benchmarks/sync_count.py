@@ -24,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -135,7 +136,11 @@ def main(argv=None) -> int:
             counter.active = False
 
     runtime.train_step = counted_step
-    code = train.main(["--ds_config", cfg_path, "--output_dir", os.path.join(tmp, "out"), *rest])
+    try:
+        code = train.main(["--ds_config", cfg_path, "--output_dir", os.path.join(tmp, "out"), *rest])
+    finally:  # the run's checkpoints are not the result: leave nothing in the temporary folder
+        runtime.train_step = original_step
+        shutil.rmtree(tmp, ignore_errors=True)
     counted = [c for c in per_step if c is not None]
     result = {"exit_code": code, "bf16": a.bf16, "legacy": a.legacy, "steps_counted": len(counted),
               "syncs_per_step": (sum(counted) / len(counted)) if counted else None,

@@ -86,7 +86,31 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        unlink_shm_allreduce_name()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_DIR = "/dev/shm"
+
+
+def unlink_shm_allreduce_name() -> None:
+    """DeepSpeed's CPU all-reduce (used when its launcher starts every rank on one
+    host) maps one 69 MB file per rank in /dev/shm, named by user, master address,
+    port and rank, and never unlinks it: each CPU run on a new port would leave
+    69 MB of memory per rank behind until reboot (a test machine filled 20 GB so).
+    Each rank maps every peer's file while deepspeed.init_distributed runs; past a
+    barrier no rank opens one again, so each rank unlinks its own name at once
+    and the mappings live on to the end of the run, however the run ends."""
+    rank = dist.get_rank()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:  # no shm all-reduce: another launcher (torchrun), or ranks on several hosts
+        pass
 
 
 def resolve_cuda_defaults(run: RunConfig, device: torch.device) -> RunConfig:

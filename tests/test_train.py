@@ -71,6 +71,16 @@ def test_one_and_two_ranks_agree_zero2(runs):
         assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
 
 
+def test_a_cpu_run_leaves_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce (under its launcher) maps a 69 MB /dev/shm file per rank,
+    named by the master port, and never unlinks it: memory lost until reboot, run after run."""
+    port = str(29500 + os.getpid() % 1000)
+    made = os.path.join(runs["two"], "metrics.jsonl")  # the 2-rank run under the launcher ran
+    assert os.path.exists(made)
+    left = [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f]
+    assert not left, left
+
+
 def test_gradient_accumulation_matches(runs, tmp_path):
     """1 rank, micro-batch 4 x 2 accumulation = the same global batch of 8."""
     cfg_path = ds_config(str(tmp_path), "gas", steps=3)
