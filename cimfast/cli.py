@@ -31,8 +31,10 @@ DESCRIPTION = ("Settings come from the dataclass defaults and the preset, then t
                "scheduler, bf16/fp16, ZeRO, clipping) is DeepSpeed's own.")
 
 
-def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.json") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=f"{what} {DESCRIPTION}")
+def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.json",
+                 unused=()) -> argparse.ArgumentParser:
+    """Flags are matched whole (a shortened flag is an error, not another setting)."""
+    p = argparse.ArgumentParser(prog=prog, description=f"{what} {DESCRIPTION}", allow_abbrev=False)
     p.add_argument("--ds_config", default=None,
                    help=f"DeepSpeed JSON config (default: configs/{default_config} beside the package)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -40,6 +42,8 @@ def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.js
         g = p.add_argument_group(group_name)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
+            if f.name in unused:
+                continue
             t = _arg_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
             kw = dict(default=None, help=f.metadata.get("help", "") + f" (default: {default})")
@@ -76,17 +80,36 @@ def read_ds_config(path: str) -> dict:
 GROUPS = (("model and objective", Config), ("run", RunConfig))
 
 
+def refuse_unused(argv, section: dict, unused: dict, prog: str) -> None:
+    """A setting this entry point would read and then ignore, given on the command line
+    or in the JSON section, is an error naming what to use instead: a fine-tuning run
+    given --data_path would otherwise fine-tune on the demo digits without a word."""
+    given = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
+    given = [g[3:] if g.startswith("no-") and g[3:] in unused else g for g in given]
+    for name, where in [(g, f"--{g}") for g in given] + [(k, f"{SECTION}.{k}") for k in section]:
+        if name in unused:
+            raise ConfigError(f"{where}: not a setting of {prog}: {unused[name]}")
+
+
 def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
-          default_config="ds_demo.json"):
+          default_config="ds_demo.json", unused=None):
     """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
 
-    Classes with a ``resolve()`` method (presets) are resolved; all are validated."""
-    args = build_parser(groups, prog, what, default_config).parse_args(argv)
+    Classes with a ``resolve()`` method (presets) are resolved; all are validated. ``unused``
+    ({field: what to do instead}) names fields this entry point does not read: they are left
+    out of --help and refused where given."""
+    import sys
+
+    unused = unused or {}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    refuse_unused(argv, {}, unused, prog)  # before argparse, which would only say "unrecognized"
+    args = build_parser(groups, prog, what, default_config, unused).parse_args(argv)
     ds_path = args.ds_config or default_ds_config(default_config)
     ds = read_ds_config(ds_path)
     section = ds.pop(SECTION, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{SECTION}: the \"{SECTION}\" section of {ds_path} must be a JSON object")
+    refuse_unused([], section, unused, prog)
     classes = [c for _, c in groups]
     names = {c: {f.name for f in fields(c)} for c in classes}
     known = set().union(*names.values())
@@ -101,7 +124,7 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
     out = []
     for c in classes:
         values = {k: v for k, v in section.items() if k in names[c]}
-        for k in names[c]:
+        for k in names[c] - set(unused):
             v = getattr(args, k)
             if v is not None:
                 values[k] = tuple(v) if isinstance(v, list) else v

@@ -192,7 +192,8 @@ class RunConfig:
         "help": "run the frozen tokenizer's residual groups in bf16, channels-last (default: on with CUDA)"})
     pin_memory: typing.Optional[bool] = field(default=None, metadata={
         "help": "pinned host memory in the DataLoader for asynchronous copies (default: on with CUDA)"})
-    progress: bool = field(default=True, metadata={"help": "show the progress bar on rank 0"})
+    progress: bool = field(default=True, metadata={
+        "help": "rank 0's progress bar on a terminal (into a file: a log line per --log_interval instead)"})
     overwrite: bool = field(default=False, metadata={
         "help": "start over in an output_dir that holds checkpoints (they and the metrics are removed)"})
     debug: bool = field(default=False, metadata={"help": "show the traceback of input errors too"})

@@ -397,11 +397,11 @@ def load_enhancer(model: str, preset: str = "tiny", seed: int = 0) -> tuple[nn.M
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cimfast.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cimfast.evaluate", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     sub = p.add_subparsers(dest="protocol", required=True)
     for name, what in (("knn", "weighted k-NN (DINO)"), ("linear", "linear probe (MAE), on cached features")):
-        s = sub.add_parser(name, help=what, description=f"{what} on the frozen enhancer's features.")
+        s = sub.add_parser(name, help=what, allow_abbrev=False, description=f"{what} on the frozen enhancer's features.")
         s.add_argument("--model", required=True,
                        help="checkpoint folder, output directory, exported .safetensors, or random")
         s.add_argument("--preset", default="tiny", help="with --model random: whose enhancer (default: tiny)")

@@ -147,7 +147,7 @@ def export(ckpt: str, out: str, layout: str = "timm") -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="cimfast.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cimfast.export", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("checkpoint", help="checkpoint folder or output directory")
     p.add_argument("out", help="output .safetensors file")
     p.add_argument("--layout", choices=("timm", "beit"), default="timm",

@@ -100,6 +100,13 @@ class FinetuneConfig:
 
 
 GROUPS = (("fine-tuning recipe", FinetuneConfig), ("run", RunConfig))
+_PRETRAINING = "it belongs to pre-training (cimfast/train.py); fine-tuning reads the labelled folders " \
+               "through a torch DataLoader and draws no pictures"
+# run settings of pre-training that fine-tuning does not read: refused where given, not ignored
+UNUSED = {"data_path": "give the labelled images with --train_path and --val_path (a subfolder of images per "
+                       "class each)",
+          **{k: _PRETRAINING for k in ("image_interval", "tokenizer_bf16", "pipeline", "dali_threads",
+                                       "validate_data", "max_image_pixels", "demo_samples")}}
 
 
 def build_classifier(fcfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
@@ -225,9 +232,9 @@ def main(argv=None) -> int:
 
 
 def finetune(argv) -> int:
-    fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast/finetune.py",
+    fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.finetune",
                                        what="Fine-tune a pre-trained enhancer (full fine-tuning).",
-                                       default_config="ds_finetune_vit_base.json")
+                                       default_config="ds_finetune_vit_base.json", unused=UNUSED)
     check_run(run)
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
     rank, world, device = init_distributed()

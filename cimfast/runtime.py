@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cimfast import checkpoint
 from cimfast.config import InputError, RunConfig
@@ -33,10 +35,22 @@ from cimfast.preflight import check_port, clear_previous_run
 log = logging.getLogger("cimfast")
 
 
+# DeepSpeed warnings that every correct run printed: WarmupCosineLR's constructor reads
+# its own learning rate before its first step
+DEEPSPEED_NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return record.getMessage() not in DEEPSPEED_NOISE
+
+
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s cimfast %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    ds_logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates, same object before or after
+    if _not_noise not in ds_logger.filters:
+        ds_logger.addFilter(_not_noise)
 
 
 def fill_rendezvous_env() -> None:
@@ -225,8 +239,14 @@ class Outputs:
         self.job, self.run, self.engine, self.rank = job, run, engine, rank
         self.writer = MetricsWriter(run.output_dir, step) if rank == 0 else None
         self.bar = None
-        if rank == 0 and run.progress:
+        self._redirect = None
+        if rank == 0 and run.progress and sys.stderr.isatty():
+            # A bar is for a terminal; into a file (a cluster's log) its redraws are one long
+            # line, so there each metric record is a log line instead.
             self.bar = tqdm(total=run.max_steps, initial=step, desc=job.name, dynamic_ncols=True)
+            # log records print above the bar, not glued to its end
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("DeepSpeed")])
+            self._redirect.__enter__()
 
     def show(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -292,6 +312,8 @@ class Outputs:
         """The progress bar closed, metrics and TensorBoard flushed (all a run that raised gets)."""
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
 

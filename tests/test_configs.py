@@ -37,9 +37,9 @@ def test_tokenizer_config_parses():
 
 @pytest.mark.parametrize("name", ["vit_base", "vit_large", "resnet50"])
 def test_finetune_configs_parse_and_name_their_recipe(name):
-    from cimfast.finetune import GROUPS
+    from cimfast.finetune import GROUPS, UNUSED
 
-    fcfg, run, ds, _ = parse(["--ds_config", os.path.join(ROOT, "configs", f"ds_finetune_{name}.json")], GROUPS)
+    fcfg, run, ds, _ = parse(["--ds_config", os.path.join(ROOT, "configs", f"ds_finetune_{name}.json")], GROUPS, unused=UNUSED)
     assert "cimfast" not in ds and fcfg.recipe and fcfg.epochs in (50, 100, 300)
     lr = ds["optimizer"]["params"]["lr"]
     if name.startswith("vit"):  # MAE: lr = base lr x batch / 256
@@ -47,3 +47,38 @@ def test_finetune_configs_parse_and_name_their_recipe(name):
         assert fcfg.layer_decay == {"vit_base": 0.65, "vit_large": 0.75}[name] and fcfg.mixup == 0.8
     else:  # ResNet strikes back A2
         assert ds["optimizer"]["type"] == "timm.Lamb" and lr == 5e-3 and fcfg.bce_loss
+
+
+def test_a_shortened_flag_is_an_error_not_another_setting():
+    with pytest.raises(SystemExit) as e:
+        parse(["--max_step", "3"])  # argparse's default would take it for --max_steps
+    assert e.value.code == 2
+
+
+def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys):
+    """--data_path given to fine-tuning was checked, then ignored: it fine-tuned on the demo digits."""
+    import json
+
+    from cimfast.config import ConfigError
+    from cimfast.finetune import GROUPS, UNUSED
+
+    ft = os.path.join(ROOT, "configs", "ds_finetune_vit_base.json")
+    for argv in (["--data_path", "/x"], ["--data_path=/x"], ["--no-validate_data"], ["--image_interval", "5"]):
+        with pytest.raises(ConfigError, match=f"--{argv[0][2:].split('=')[0].removeprefix('no-')}: not a setting"):
+            parse(["--ds_config", ft, *argv], GROUPS, unused=UNUSED)
+    with pytest.raises(ConfigError, match="--train_path and --val_path"):
+        parse(["--ds_config", ft, "--data_path", "/x"], GROUPS, unused=UNUSED)
+    with open(ft) as f:
+        cfg = json.load(f)
+    cfg["cimfast"]["pipeline"] = "dali-gpu"
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="cimfast.pipeline: not a setting"):
+        parse(["--ds_config", str(path)], GROUPS, unused=UNUSED)
+    fcfg, run, _, _ = parse(["--ds_config", ft, "--max_steps", "4"], GROUPS, unused=UNUSED)  # the rest parses
+    assert run.max_steps == 4
+    from cimfast.cli import build_parser
+
+    text = build_parser(GROUPS, "cimfast.finetune", "", unused=UNUSED).format_help()
+    assert "--train_path" in text and "--max_steps" in text
+    assert not any(f"--{k} " in text or f"--{k}\n" in text for k in UNUSED)

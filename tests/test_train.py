@@ -1,6 +1,7 @@
 """The training entry point, run as users run it (subprocesses, gloo on the CPU)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -239,6 +240,50 @@ def test_bad_config_names_the_key_before_building(tmp_path, section, flag, key):
     assert r.returncode == 2
     assert key in r.stderr and "configuration error" in r.stderr
     assert not os.path.exists(out)  # nothing was built or written
+
+
+def _run_on_a_terminal(cmd) -> str:
+    """Runs cmd with stdout and stderr on a pseudo-terminal; returns what it printed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal closed: every process that held it ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, b"".join(chunks)[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_file(tmp_path):
+    """A bar's redraws in a cluster's log file are one endless line with log records glued
+    to it; on a terminal, log records print on their own lines above the bar."""
+    cfg = ds_config(str(tmp_path), "p", steps=4, checkpoint_interval=2, progress=True)
+    cmd = [sys.executable, os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", cfg]
+    r = run_train(["--ds_config", cfg, "--output_dir", str(tmp_path / "file")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stderr and "%|" not in r.stderr  # no bar into a file
+    assert "before it has started" not in r.stdout + r.stderr  # DeepSpeed's warning on every correct run
+    assert [int(n) for n in re.findall(r"cimfast INFO: step (\d+): \{", r.stderr)] == [1, 2, 3, 4]
+    shown = _run_on_a_terminal(cmd + ["--output_dir", str(tmp_path / "tty")])
+    assert "%|" in shown and "4/4" in shown  # the bar, to its end
+    assert "cimfast INFO: step" not in shown  # the metrics are in the bar
+    starts = [m.start() for m in re.finditer(r"\d\d:\d\d:\d\d cimfast ", shown)]
+    assert any("checkpoint (interval)" in shown[i:i + 200] for i in starts)
+    for i in starts:  # each record on its own line, none glued to the bar
+        assert i == 0 or shown[i - 1] in "\r\n", repr(shown[max(0, i - 80):i + 40])
 
 
 def test_help_explains_options():
