@@ -112,6 +112,28 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
+JOB_NAMES = {"cim": "pre-training (cimfast/train.py)", "finetune": "fine-tuning (cimfast/finetune.py)",
+             "dvae": "tokenizer training (cimfast/tokenizer_train.py)"}
+
+
+def job_of(state: dict) -> str:
+    """Which entry point wrote a checkpoint: its ``job`` (older checkpoints: told by their settings)."""
+    if "job" in state:
+        return state["job"]
+    cfg = state.get("config", {})
+    return "finetune" if "recipe" in cfg else "dvae" if "spec" in cfg else "cim"
+
+
+def require_job(path: str, job: str, what: str) -> dict:
+    """The state of checkpoint ``path``; an InputError when another entry point wrote it."""
+    state = read_state(path)
+    found = job_of(state)
+    if found != job:
+        raise InputError(f"{what} {path} is a checkpoint of {JOB_NAMES.get(found, found)}, not of "
+                         f"{JOB_NAMES.get(job, job)}")
+    return state
+
+
 def _deepspeed_state_types() -> list:
     """The non-tensor types DeepSpeed's checkpoint files hold (ZeRO 0-3, fp32/bf16/fp16)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

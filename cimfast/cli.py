@@ -31,10 +31,29 @@ DESCRIPTION = ("Settings come from the dataclass defaults and the preset, then t
                "scheduler, bf16/fp16, ZeRO, clipping) is DeepSpeed's own.")
 
 
+class Parser(argparse.ArgumentParser):
+    """Flags are matched whole (a shortened flag is an error, not another setting), and an
+    unknown flag's error names the flag it is close to."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            known = [o for a in self._actions for o in a.option_strings]
+            for token in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1, cutoff=0.75)
+                if token.startswith("--") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
 def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.json",
-                 unused=()) -> argparse.ArgumentParser:
-    """Flags are matched whole (a shortened flag is an error, not another setting)."""
-    p = argparse.ArgumentParser(prog=prog, description=f"{what} {DESCRIPTION}", allow_abbrev=False)
+                 unused=(), defaults=None) -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=f"{what} {DESCRIPTION}")
     p.add_argument("--ds_config", default=None,
                    help=f"DeepSpeed JSON config (default: configs/{default_config} beside the package)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -45,8 +64,9 @@ def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.js
             if f.name in unused:
                 continue
             t = _arg_type(hints[f.name])
-            default = f.default if f.default is not dataclasses.MISSING else None
-            kw = dict(default=None, help=f.metadata.get("help", "") + f" (default: {default})")
+            default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+            text = f.metadata.get("help", "")
+            kw = dict(default=None, help=text if "(default:" in text else f"{text} (default: {default})")
             if t is bool:
                 g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
             elif t is tuple:
@@ -92,18 +112,19 @@ def refuse_unused(argv, section: dict, unused: dict, prog: str) -> None:
 
 
 def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
-          default_config="ds_demo.json", unused=None):
+          default_config="ds_demo.json", unused=None, defaults=None):
     """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
 
     Classes with a ``resolve()`` method (presets) are resolved; all are validated. ``unused``
     ({field: what to do instead}) names fields this entry point does not read: they are left
-    out of --help and refused where given."""
+    out of --help and refused where given. ``defaults`` ({field: value}) replaces the
+    dataclass defaults for this entry point (its own output folder, say)."""
     import sys
 
-    unused = unused or {}
+    unused, defaults = unused or {}, defaults or {}
     argv = sys.argv[1:] if argv is None else list(argv)
     refuse_unused(argv, {}, unused, prog)  # before argparse, which would only say "unrecognized"
-    args = build_parser(groups, prog, what, default_config, unused).parse_args(argv)
+    args = build_parser(groups, prog, what, default_config, unused, defaults).parse_args(argv)
     ds_path = args.ds_config or default_ds_config(default_config)
     ds = read_ds_config(ds_path)
     section = ds.pop(SECTION, {})
@@ -112,7 +133,7 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
     refuse_unused([], section, unused, prog)
     classes = [c for _, c in groups]
     names = {c: {f.name for f in fields(c)} for c in classes}
-    known = set().union(*names.values())
+    known = set().union(*names.values()) - set(unused)
     unknown = sorted(set(section) - known)
     if unknown:
         import difflib
@@ -123,7 +144,8 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
                           f"{', '.join(sorted(known))}")
     out = []
     for c in classes:
-        values = {k: v for k, v in section.items() if k in names[c]}
+        values = {k: v for k, v in defaults.items() if k in names[c]}
+        values.update({k: v for k, v in section.items() if k in names[c]})
         for k in names[c] - set(unused):
             v = getattr(args, k)
             if v is not None:

@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cimfast.cli import Parser
 from cimfast.config import InputError
 
 log = logging.getLogger("cimfast")
@@ -389,7 +390,7 @@ def load_enhancer(model: str, preset: str = "tiny", seed: int = 0) -> tuple[nn.M
     ckpt = checkpoint.latest_checkpoint(model) if os.path.isdir(os.path.join(model, "checkpoints")) else model
     if ckpt is None or not os.path.isfile(os.path.join(ckpt, "cimfast_state.json")):
         raise InputError(f"--model {model}: no finished checkpoint there")
-    cfg = checkpoint.read_state(ckpt)["config"]
+    cfg = checkpoint.require_job(ckpt, "cim", "--model")["config"]
     enhancer = build_enhancer(SimpleNamespace(**{**cfg, "grad_checkpointing": False}))
     sd = {k[len("enhancer."):]: v for k, v in full_state_dict(ckpt).items() if k.startswith("enhancer.")}
     enhancer.load_state_dict(sd, strict=True)
@@ -397,14 +398,14 @@ def load_enhancer(model: str, preset: str = "tiny", seed: int = 0) -> tuple[nn.M
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cimfast.evaluate", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="cimfast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     sub = p.add_subparsers(dest="protocol", required=True)
     for name, what in (("knn", "weighted k-NN (DINO)"), ("linear", "linear probe (MAE), on cached features")):
-        s = sub.add_parser(name, help=what, allow_abbrev=False, description=f"{what} on the frozen enhancer's features.")
+        s = sub.add_parser(name, help=what, description=f"{what} on the frozen enhancer's features.")
         s.add_argument("--model", required=True,
                        help="checkpoint folder, output directory, exported .safetensors, or random")
-        s.add_argument("--preset", default="tiny", help="with --model random: whose enhancer (default: tiny)")
+        s.add_argument("--preset", default=None, help="with --model random: whose enhancer (default: tiny)")
         s.add_argument("--train_path", required=True, help="labelled train folder (class subfolders), or demo")
         s.add_argument("--val_path", required=True, help="labelled val folder (class subfolders), or demo")
         s.add_argument("--num_workers", type=int, default=2, help="decoding workers (default: 2)")
@@ -436,8 +437,10 @@ def evaluate(a: argparse.Namespace) -> int:
         raise InputError("--k must be positive and --temperature above 0")
     if a.protocol == "linear" and (a.epochs < 1 or a.batch_size < 1 or a.lr <= 0):
         raise InputError("--epochs, --batch_size and --lr must be positive")
+    if a.preset is not None and a.model != "random":
+        raise InputError(f"--preset is for --model random: {a.model} carries its own architecture")
     train_path, val_path = resolve_paths(a.train_path, a.val_path, a.cache_dir)  # before the model loads
-    enhancer, cfg = load_enhancer(a.model, a.preset, a.seed)
+    enhancer, cfg = load_enhancer(a.model, a.preset or "tiny", a.seed)
     rank, world, device = init_distributed()
     splits = LabelledSplits(train_path, val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)
     enhancer.to(device)

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from cimfast import checkpoint
+from cimfast.cli import Parser
 from cimfast.config import InputError
 
 # timm's ViT of each width: (name, its depth, its heads); other depths, heads,
@@ -124,7 +125,7 @@ def export(ckpt: str, out: str, layout: str = "timm") -> dict:
         if latest is None:
             raise FileNotFoundError(f"{ckpt} has no finished checkpoint")
         ckpt = latest
-    state = checkpoint.read_state(ckpt)
+    state = checkpoint.require_job(ckpt, "cim", "checkpoint")  # fine-tuning: a whole timm classifier
     cfg = state["config"]
     if layout == "beit" and cfg["enhancer"] != "vit":
         raise InputError(f"--layout beit needs a ViT enhancer; {ckpt} holds a {cfg['enhancer']} one")
@@ -147,7 +148,7 @@ def export(ckpt: str, out: str, layout: str = "timm") -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="cimfast.export", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="cimfast.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint folder or output directory")
     p.add_argument("out", help="output .safetensors file")
     p.add_argument("--layout", choices=("timm", "beit"), default="timm",

@@ -105,6 +105,7 @@ _PRETRAINING = "it belongs to pre-training (cimfast/train.py); fine-tuning reads
 # run settings of pre-training that fine-tuning does not read: refused where given, not ignored
 UNUSED = {"data_path": "give the labelled images with --train_path and --val_path (a subfolder of images per "
                        "class each)",
+          "peak_tflops": "fine-tuning counts no FLOPs, so it reports no MFU",
           **{k: _PRETRAINING for k in ("image_interval", "tokenizer_bf16", "pipeline", "dali_threads",
                                        "validate_data", "max_image_pixels", "demo_samples")}}
 
@@ -234,8 +235,9 @@ def main(argv=None) -> int:
 def finetune(argv) -> int:
     fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.finetune",
                                        what="Fine-tune a pre-trained enhancer (full fine-tuning).",
-                                       default_config="ds_finetune_vit_base.json", unused=UNUSED)
-    check_run(run)
+                                       default_config="ds_finetune_vit_base.json", unused=UNUSED,
+                                       defaults={"output_dir": "outputs/finetune"})
+    check_run(run, "finetune")
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
     rank, world, device = init_distributed()
     job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, rank, world, device,
@@ -289,7 +291,8 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
     fill_auto(ds_cfg, run)
     opt = ds_cfg.get("optimizer", {}).get("params", {})
     groups = layer_decay_groups(model, opt.get("lr", 1e-3), opt.get("weight_decay", 0.0), fcfg.layer_decay)
-    settings = {**asdict(fcfg), **asdict(run), **info, "classes": classes, "steps_per_epoch": steps_per_epoch}
+    run_settings = {k: v for k, v in asdict(run).items() if k not in UNUSED}
+    settings = {**asdict(fcfg), **run_settings, **info, "classes": classes, "steps_per_epoch": steps_per_epoch}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})
     model.to(device)
     dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else \

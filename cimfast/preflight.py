@@ -18,8 +18,11 @@ from cimfast.pipelines.datasets import IMAGE_EXTENSIONS
 log = logging.getLogger("cimfast")
 
 
-def check_run(run: RunConfig) -> None:
-    """Data path, checkpoint to resume from, and the output folder."""
+def check_run(run: RunConfig, job: str) -> None:
+    """Data path, checkpoint to resume from, and the output folder. ``job``: the entry
+    point's job name (``cim``, ``finetune``, ``dvae``): a checkpoint of another job is
+    neither resumed nor removed by --overwrite (fine-tuning once wrote into the
+    pre-training folder by default, and --overwrite deleted the model it fine-tuned)."""
     if run.data_path and not os.path.exists(run.data_path):
         raise InputError(f"data path {run.data_path} does not exist: pass --data_path with an image folder "
                          "(one subfolder per class, or any tree of images) or a file list")
@@ -29,7 +32,13 @@ def check_run(run: RunConfig) -> None:
     if run.resume not in (None, "auto") and not os.path.isfile(os.path.join(run.resume, checkpoint.STATE_FILE)):
         raise InputError(f"--resume {run.resume} is not a finished cimfast checkpoint (no {checkpoint.STATE_FILE}): "
                          f"pass a folder under {checkpoint.checkpoint_root(run.output_dir)} or --resume auto")
+    if run.resume not in (None, "auto"):
+        checkpoint.require_job(run.resume, job, "--resume")
     latest = checkpoint.latest_checkpoint(run.output_dir)
+    found = checkpoint.job_of(checkpoint.read_state(latest)) if latest else job
+    if found != job:
+        raise InputError(f"output folder {run.output_dir} holds the checkpoints of {checkpoint.JOB_NAMES[found]}, "
+                         f"not of {checkpoint.JOB_NAMES[job]}: pass another --output_dir")
     if run.resume == "auto":
         if latest:
             log.info("--resume auto: continuing from %s (step %d)", latest, checkpoint.read_state(latest)["step"])
@@ -42,16 +51,18 @@ def check_run(run: RunConfig) -> None:
 
 
 def clear_previous_run(run: RunConfig, rank: int) -> None:
-    """``--overwrite``: rank 0 removes the previous run's checkpoints and metrics.
+    """``--overwrite``: rank 0 removes the previous run's checkpoints, metrics and pictures.
     Called after every check passed and every rank joined (no rank still
     reads them), followed by a barrier."""
     if run.overwrite and run.resume is None and rank == 0 and checkpoint.latest_checkpoint(run.output_dir):
         log.warning("--overwrite: removing the checkpoints and metrics of the previous run in %s", run.output_dir)
         shutil.rmtree(checkpoint.checkpoint_root(run.output_dir), ignore_errors=True)
         shutil.rmtree(os.path.join(run.output_dir, "tensorboard"), ignore_errors=True)
-        metrics = os.path.join(run.output_dir, "metrics.jsonl")
-        if os.path.exists(metrics):
-            os.remove(metrics)
+        old_files = ["metrics.jsonl", "loss.png"] + [f for f in os.listdir(run.output_dir)
+                                                     if f.startswith("picture_") and f.endswith(".png")]
+        for name in old_files:
+            if os.path.exists(os.path.join(run.output_dir, name)):
+                os.remove(os.path.join(run.output_dir, name))
 
 
 def _has_an_image(root: str) -> bool:

@@ -83,8 +83,20 @@ def fill_auto(ds: dict, run: RunConfig) -> dict:
     return ds
 
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's just-in-time C++ ops are built: one folder per Python environment.
+    torch's default is one folder for all of them, and a build made from another
+    environment's sources is rebuilt: two checkouts rebuilt each other's CPU all-reduce
+    op at every run (20-30 s of silence at start). TORCH_EXTENSIONS_DIR overrides it."""
+    import hashlib
+
+    env = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "cimfast", "torch_extensions", env)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     fill_rendezvous_env()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -100,7 +112,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, with or without a GPU
         unlink_shm_allreduce_name()
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -115,7 +129,8 @@ def unlink_shm_allreduce_name() -> None:
     69 MB of memory per rank behind until reboot (a test machine filled 20 GB so).
     Each rank maps every peer's file while deepspeed.init_distributed runs; past a
     barrier no rank opens one again, so each rank unlinks its own name at once
-    and the mappings live on to the end of the run, however the run ends."""
+    and the mappings live on to the end of the run, however it ends then (a rank
+    that dies inside init_distributed, before the barrier, still leaves them)."""
     rank = dist.get_rank()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
@@ -199,8 +214,13 @@ def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Op
         params["betas"] = tuple(params.get("betas", (0.9, 0.999)))
         ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
         optimizer = Lamb(groups, **params)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
-                                           optimizer=optimizer, config=ds_cfg)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                               optimizer=optimizer, config=ds_cfg)
+    except TypeError as e:  # an optimizer or scheduler parameter its class does not take
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise InputError(f"ds_config: {e} (check the \"params\" of \"optimizer\" and \"scheduler\")") from None
     remove_clip_sync(engine.optimizer)
     if run.compile:
         # static shapes: the training step's shapes never change, and inductor's dynamic-batch recompile
@@ -244,9 +264,12 @@ class Outputs:
             # A bar is for a terminal; into a file (a cluster's log) its redraws are one long
             # line, so there each metric record is a log line instead.
             self.bar = tqdm(total=run.max_steps, initial=step, desc=job.name, dynamic_ncols=True)
-            # log records print above the bar, not glued to its end
-            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("DeepSpeed")])
+            # log records (and Python warnings, through logging) print above the bar, not glued to it
+            consoles = [lg for lg in (logging.getLogger(), logging.getLogger("DeepSpeed"))
+                        if any(type(h) is logging.StreamHandler for h in lg.handlers)]
+            self._redirect = logging_redirect_tqdm(loggers=consoles)
             self._redirect.__enter__()
+            logging.captureWarnings(True)
 
     def show(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -255,10 +278,11 @@ class Outputs:
         if self.bar is not None:
             self.bar.set_postfix(progress_postfix(metrics))
         else:
-            log.info("step %d: %s", step, json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+            # 6 significant digits: a small learning rate (1e-8) must not read as 0
+            log.info("step %d: %s", step, json.dumps({k: float(f"{v:.6g}") for k, v in metrics.items()}))
 
     def save(self, state: dict, step: int, reason: str) -> None:
-        state.update(step=step, config=self.job.config, reason=reason)
+        state.update(step=step, config=self.job.config, reason=reason, job=self.job.name)
         path = checkpoint.save(self.engine, self.run.output_dir, step, state, self.run.keep_checkpoints, self.rank)
         if self.rank == 0:
             log.info("checkpoint (%s): %s", reason, path)
@@ -311,9 +335,12 @@ class Outputs:
     def abandon(self) -> None:
         """The progress bar closed, metrics and TensorBoard flushed (all a run that raised gets)."""
         if self.bar is not None:
-            self.bar.close()
-            self._redirect.__exit__(None, None, None)
-            self.bar = None
+            bar, self.bar = self.bar, None
+            try:
+                bar.close()
+            finally:  # the console handlers back, even if the terminal went away
+                self._redirect.__exit__(None, None, None)
+                logging.captureWarnings(False)
         if self.writer is not None:
             self.writer.close()
 
@@ -351,10 +378,20 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
     if resume_path:
         state.update(checkpoint.load(engine, resume_path))
         log.info("resumed from %s at step %d", resume_path, state["step"])
+        planned = state.get("config", {}).get("max_steps")
+        if planned is not None and planned != run.max_steps and state["step"] < run.max_steps:
+            log.warning("the run was planned for %d steps and now runs to %d: schedules with "
+                        "\"total_num_steps\": \"auto\" (the learning rate's cosine) are redrawn for %d steps "
+                        "from step %d on", planned, run.max_steps, run.max_steps, state["step"])
     step = state["step"]
+    if step >= run.max_steps:  # a finished run resumed: nothing is trained, saved or evaluated again
+        log.info("%s: the checkpoint is at step %d and --max_steps is %d: nothing left to train (raise "
+                 "--max_steps to train on)", job.name, step, run.max_steps)
+        return 0
     batches = DevicePrefetcher(job.batches(micro, state["micro_steps_consumed"]), device)
     guard = NonFiniteGuard(engine.optimizer, device, world, state["nonfinite_total"], run.max_nonfinite)
-    meter = Meter(world, micro * gas * world, job.flops_per_image, peak_flops(device, run.peak_tflops), step)
+    peak = peak_flops(device, run.peak_tflops) if job.flops_per_image else None  # no FLOP count: no MFU
+    meter = Meter(world, micro * gas * world, job.flops_per_image, peak, step)
     stopper = StopRequest(world)
     outputs = Outputs(job, run, engine, rank, step)
     log.info("%s: %d rank(s), micro-batch %d x %d accumulation = global batch %d; %s",

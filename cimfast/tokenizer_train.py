@@ -145,9 +145,13 @@ def main(argv=None) -> int:
 def train_tokenizer(argv) -> int:
     tcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.tokenizer_train",
                                        what="Train a DALL-E-architecture tokenizer (dVAE).",
-                                       default_config="ds_tokenizer_demo.json")
+                                       default_config="ds_tokenizer_demo.json",
+                                       defaults={"output_dir": "outputs/tokenizer"},
+                                       unused={"tokenizer_bf16": "it is pre-training's setting for its frozen "
+                                                                 "tokenizer; the one trained here runs in the "
+                                                                 "engine's precision (\"bf16\" in the config)"})
     fill_auto(ds_cfg, run)
-    check_run(run)
+    check_run(run, "dvae")
     rank, world, device = init_distributed()
     job, heldout = setup(tcfg, run, ds_cfg, rank, world, device)
     code = run_job(job, run, ds_cfg, rank, world, device)

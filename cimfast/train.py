@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 def pretrain(argv) -> int:
     cfg, run, ds_cfg, ds_path = parse(argv)
     fill_auto(ds_cfg, run)
-    check_run(run)  # every input error before DeepSpeed starts and before anything is written
+    check_run(run, "cim")  # every input error before DeepSpeed starts and before anything is written
     tokenizer = build_tokenizer(cfg)
     rank, world, device = init_distributed()
     code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, rank, world, device), run, ds_cfg, rank, world,

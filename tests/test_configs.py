@@ -49,10 +49,11 @@ def test_finetune_configs_parse_and_name_their_recipe(name):
         assert ds["optimizer"]["type"] == "timm.Lamb" and lr == 5e-3 and fcfg.bce_loss
 
 
-def test_a_shortened_flag_is_an_error_not_another_setting():
+def test_a_shortened_flag_is_an_error_not_another_setting(capsys):
     with pytest.raises(SystemExit) as e:
         parse(["--max_step", "3"])  # argparse's default would take it for --max_steps
     assert e.value.code == 2
+    assert "unrecognized arguments: --max_step 3 (did you mean --max_steps?)" in capsys.readouterr().err
 
 
 def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys):
@@ -63,7 +64,8 @@ def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys)
     from cimfast.finetune import GROUPS, UNUSED
 
     ft = os.path.join(ROOT, "configs", "ds_finetune_vit_base.json")
-    for argv in (["--data_path", "/x"], ["--data_path=/x"], ["--no-validate_data"], ["--image_interval", "5"]):
+    for argv in (["--data_path", "/x"], ["--data_path=/x"], ["--no-validate_data"], ["--image_interval", "5"],
+                 ["--peak_tflops", "989"]):
         with pytest.raises(ConfigError, match=f"--{argv[0][2:].split('=')[0].removeprefix('no-')}: not a setting"):
             parse(["--ds_config", ft, *argv], GROUPS, unused=UNUSED)
     with pytest.raises(ConfigError, match="--train_path and --val_path"):
@@ -75,6 +77,12 @@ def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys)
     path.write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="cimfast.pipeline: not a setting"):
         parse(["--ds_config", str(path)], GROUPS, unused=UNUSED)
+    del cfg["cimfast"]["pipeline"]
+    cfg["cimfast"]["data_pth"] = "/x"  # a typo is not pointed at a refused setting
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown key") as e:
+        parse(["--ds_config", str(path)], GROUPS, unused=UNUSED)
+    assert "data_path" not in str(e.value)
     fcfg, run, _, _ = parse(["--ds_config", ft, "--max_steps", "4"], GROUPS, unused=UNUSED)  # the rest parses
     assert run.max_steps == 4
     from cimfast.cli import build_parser

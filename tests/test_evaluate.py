@@ -164,6 +164,10 @@ def test_evaluate_cli_random_and_exported_give_the_same_features(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "linear", "--model", str(tmp_path / "nope"),
                           "--train_path", train, "--val_path", val], capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    # --preset with a saved model would be ignored: it is refused
+    bad = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "knn", "--model", path, "--preset", "base",
+                          "--train_path", train, "--val_path", val], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert bad.returncode == 2 and "--preset is for --model random" in bad.stderr, bad.stderr
 
 
 def test_evaluate_under_the_deepspeed_launcher_matches_one_rank(tmp_path):

@@ -106,6 +106,13 @@ def test_resnet50_recipe_runs_with_timm_lamb_and_bce(tmp_path):
     assert len(train) == 3 and all(math.isfinite(x["loss"]) for x in train)
     assert train[-1]["lr_max"] == pytest.approx(5e-3 * ratio(3)) and train[-1]["lr_min"] == train[-1]["lr_max"]
     assert [x["step"] for x in recs if "val_top1" in x] == [3]
+    # its checkpoint holds a whole classifier: the pre-training tools name it instead of crashing
+    out = str(tmp_path / "out")
+    for cmd in (["-m", "cimfast.export", out, str(tmp_path / "x.safetensors")],
+                ["-m", "cimfast.evaluate", "knn", "--model", out, "--train_path", "demo", "--val_path", "demo"]):
+        r = subprocess.run([sys.executable, *cmd], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "is a checkpoint of fine-tuning" in r.stderr and "Traceback" not in r.stderr, \
+            r.stderr[-2000:]
 
 
 def test_bf16_engine_trains_and_evaluates(tmp_path):

@@ -114,6 +114,17 @@ def test_input_errors_are_one_line_with_exit_code_2_and_write_nothing(tmp_path, 
     assert not out.exists()  # nothing written, nothing started
 
 
+def test_a_misspelt_optimizer_parameter_is_one_line(tmp_path):
+    """DeepSpeed hands the optimizer's params to its class: a typo was a TypeError traceback."""
+    with open(os.path.join(ROOT, "configs", "ds_demo.json")) as f:
+        cfg = json.load(f)
+    cfg["optimizer"]["params"]["weight_decy"] = cfg["optimizer"]["params"].pop("weight_decay")
+    path = tmp_path / "opt.json"
+    path.write_text(json.dumps(cfg))
+    r = _train(["--ds_config", str(path), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    _one_line(r, "weight_decy", "optimizer")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = _train(["--data_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"), "--debug"])
     assert r.returncode == 2 and "Traceback" in r.stderr and "does not exist" in r.stderr
@@ -127,10 +138,32 @@ def test_a_rerun_into_a_folder_with_checkpoints_refuses_and_resume_auto_says_wha
     _one_line(r, "holds checkpoints", "--resume auto", "--overwrite", "--output_dir")
     r = _train(["--output_dir", out, "--max_steps", "2", "--resume", "auto"])
     assert r.returncode == 0 and "continuing from" in r.stderr and "step_00000001" in r.stderr, r.stderr[-2000:]
+    # the run was planned for 1 step: a longer one says its schedule is redrawn
+    assert "planned for 1 steps and now runs to 2" in r.stderr, r.stderr[-2000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        before = f.read()
+    r = _train(["--output_dir", out, "--max_steps", "2", "--resume", "auto"])  # finished: nothing to do
+    assert r.returncode == 0 and "nothing left to train" in r.stderr, r.stderr[-2000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert f.read() == before  # no second end record, no second evaluation
+    # fine-tuning and tokenizer training neither resume nor overwrite a pre-training folder
+    for script in ("finetune.py", "tokenizer_train.py"):
+        for extra in ([], ["--overwrite"], ["--resume", "auto"]):
+            r = subprocess.run([sys.executable, os.path.join(ROOT, "cimfast", script), "--output_dir", out, *extra],
+                               env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            _one_line(r, "holds the checkpoints of pre-training", "another --output_dir")
+    ckpt = os.path.join(out, "checkpoints", "step_00000002")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cimfast", "finetune.py"), "--resume", ckpt,
+                        "--output_dir", str(tmp_path / "ft")], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    _one_line(r, f"--resume {ckpt} is a checkpoint of pre-training", "not of fine-tuning")
+    stale = os.path.join(out, "picture_step00000099.png")
+    open(stale, "wb").close()
     r = _train(["--output_dir", out, "--max_steps", "1", "--overwrite"])
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(l)["step"] for l in f if '"loss"' in l] == [1]  # the old run's metrics are gone
+    assert not os.path.exists(stale)  # and its pictures
 
 
 def test_a_busy_port_under_the_deepspeed_launcher(tmp_path):

@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
     two = os.path.join(tmp, "two")
     r2 = run_train(["--ds_config", cfg, "--output_dir", two], ranks=2)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
-    return {"tmp": tmp, "cfg": cfg, "one": one, "two": two}
+    return {"tmp": tmp, "cfg": cfg, "one": one, "two": two, "two_printed": r2.stdout + r2.stderr}
 
 
 def test_one_and_two_ranks_agree_zero2(runs):
@@ -76,8 +76,8 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(runs):
     """DeepSpeed's CPU all-reduce (under its launcher) maps a 69 MB /dev/shm file per rank,
     named by the master port, and never unlinks it: memory lost until reboot, run after run."""
     port = str(29500 + os.getpid() % 1000)
-    made = os.path.join(runs["two"], "metrics.jsonl")  # the 2-rank run under the launcher ran
-    assert os.path.exists(made)
+    # the 2-rank run under the launcher had DeepSpeed's shared-memory all-reduce (on each rank)
+    assert runs["two_printed"].count("deepspeed_shm_comm_op built successfully") == 2
     left = [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f]
     assert not left, left
 
@@ -251,10 +251,14 @@ def _run_on_a_terminal(cmd) -> str:
 
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    import select
+
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
     os.close(follower)
-    chunks = []
-    while True:
+    chunks, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not select.select([leader], [], [], 1.0)[0]:
+            continue
         try:
             data = os.read(leader, 65536)
         except OSError:  # the terminal closed: every process that held it ended
@@ -263,7 +267,9 @@ def _run_on_a_terminal(cmd) -> str:
             break
         chunks.append(data)
     os.close(leader)
-    assert proc.wait(timeout=300) == 0, b"".join(chunks)[-3000:]
+    if proc.poll() is None and time.monotonic() >= deadline:
+        proc.kill()
+    assert proc.wait(timeout=60) == 0, b"".join(chunks)[-3000:]
     return b"".join(chunks).decode(errors="replace")
 
 
@@ -274,7 +280,7 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_file(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", cfg]
     r = run_train(["--ds_config", cfg, "--output_dir", str(tmp_path / "file")])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "\r" not in r.stderr and "%|" not in r.stderr  # no bar into a file
+    assert "%|" not in r.stderr and "it/s" not in r.stderr  # no bar into a file
     assert "before it has started" not in r.stdout + r.stderr  # DeepSpeed's warning on every correct run
     assert [int(n) for n in re.findall(r"cimfast INFO: step (\d+): \{", r.stderr)] == [1, 2, 3, 4]
     shown = _run_on_a_terminal(cmd + ["--output_dir", str(tmp_path / "tty")])
