@@ -42,7 +42,11 @@ class Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             import difflib
 
-            known = [o for a in self._actions for o in a.option_strings]
+            actions = list(self._actions)
+            for a in self._actions:  # the subcommands' flags too (evaluate knn/linear)
+                if isinstance(a, argparse._SubParsersAction):
+                    actions += [b for sub in a.choices.values() for b in sub._actions]
+            known = sorted({o for a in actions for o in a.option_strings})
             for token in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1, cutoff=0.75)
                 if token.startswith("--") and close:

@@ -37,8 +37,9 @@ def check_run(run: RunConfig, job: str) -> None:
     latest = checkpoint.latest_checkpoint(run.output_dir)
     found = checkpoint.job_of(checkpoint.read_state(latest)) if latest else job
     if found != job:
-        raise InputError(f"output folder {run.output_dir} holds the checkpoints of {checkpoint.JOB_NAMES[found]}, "
-                         f"not of {checkpoint.JOB_NAMES[job]}: pass another --output_dir")
+        raise InputError(f"output folder {run.output_dir} holds the checkpoints of {checkpoint.JOB_NAMES[found]} "
+                         f"(newest: {latest}), not of {checkpoint.JOB_NAMES[job]}: pass another --output_dir, or "
+                         "move that run's checkpoints out of it")
     if run.resume == "auto":
         if latest:
             log.info("--resume auto: continuing from %s (step %d)", latest, checkpoint.read_state(latest)["step"])
@@ -50,6 +51,24 @@ def check_run(run: RunConfig, job: str) -> None:
                          "over with --overwrite, or pass another --output_dir")
 
 
+def nothing_left_message(job: str, step: int, max_steps: int) -> str:
+    return (f"{job}: the checkpoint is at step {step} and --max_steps is {max_steps}: nothing left to train "
+            "(raise --max_steps to train on)")
+
+
+def nothing_left(run: RunConfig, job: str) -> bool:
+    """Whether the checkpoint to resume already reached --max_steps: the run then stops
+    before anything is set up or written (a finished run resumed by mistake)."""
+    path = checkpoint.latest_checkpoint(run.output_dir) if run.resume == "auto" else run.resume
+    if not path:
+        return False
+    step = checkpoint.read_state(path)["step"]
+    if step < run.max_steps:
+        return False
+    log.info(nothing_left_message(job, step, run.max_steps))
+    return True
+
+
 def clear_previous_run(run: RunConfig, rank: int) -> None:
     """``--overwrite``: rank 0 removes the previous run's checkpoints, metrics and pictures.
     Called after every check passed and every rank joined (no rank still
@@ -58,8 +77,9 @@ def clear_previous_run(run: RunConfig, rank: int) -> None:
         log.warning("--overwrite: removing the checkpoints and metrics of the previous run in %s", run.output_dir)
         shutil.rmtree(checkpoint.checkpoint_root(run.output_dir), ignore_errors=True)
         shutil.rmtree(os.path.join(run.output_dir, "tensorboard"), ignore_errors=True)
-        old_files = ["metrics.jsonl", "loss.png"] + [f for f in os.listdir(run.output_dir)
-                                                     if f.startswith("picture_") and f.endswith(".png")]
+        old_files = ["metrics.jsonl", "loss.png", "tokenizer.safetensors", "tokenizer_report.json",
+                     "reconstructions.png"] + [f for f in os.listdir(run.output_dir)
+                                               if f.startswith("picture_") and f.endswith(".png")]
         for name in old_files:
             if os.path.exists(os.path.join(run.output_dir, name)):
                 os.remove(os.path.join(run.output_dir, name))

@@ -30,7 +30,7 @@ from cimfast.guards import NonFiniteGuard, StopRequest, remove_clip_sync
 from cimfast.metrics import Meter, MetricsWriter, peak_flops, progress_postfix, read_metrics
 from cimfast.pictures import save_loss_plot
 from cimfast.pipelines.prefetch import DevicePrefetcher
-from cimfast.preflight import check_port, clear_previous_run
+from cimfast.preflight import check_port, clear_previous_run, nothing_left_message
 
 log = logging.getLogger("cimfast")
 
@@ -90,8 +90,9 @@ def extensions_dir() -> str:
     op at every run (20-30 s of silence at start). TORCH_EXTENSIONS_DIR overrides it."""
     import hashlib
 
-    env = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
-    return os.path.join(os.path.expanduser("~"), ".cache", "cimfast", "torch_extensions", env)
+    env = hashlib.sha1(f"{os.path.realpath(sys.prefix)} {torch.__version__}".encode()).hexdigest()[:12]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "cimfast", "torch_extensions", env)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -203,7 +204,7 @@ def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Op
     import deepspeed
 
     groups = groups or param_groups(model)
-    optimizer = None
+    client_optimizer = None  # () -> an optimizer cimfast builds itself and hands to DeepSpeed
     if ds_cfg.get("optimizer", {}).get("type") == "timm.Lamb":  # DeepSpeed's own Lamb is a CUDA-only extension
         from timm.optim import Lamb
 
@@ -213,14 +214,15 @@ def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Op
         params = dict(ds_cfg["optimizer"].get("params", {}))
         params["betas"] = tuple(params.get("betas", (0.9, 0.999)))
         ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
-        optimizer = Lamb(groups, **params)
+        client_optimizer = lambda: Lamb(groups, **params)  # noqa: E731
     try:
+        optimizer = client_optimizer() if client_optimizer else None
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
                                                optimizer=optimizer, config=ds_cfg)
     except TypeError as e:  # an optimizer or scheduler parameter its class does not take
         if "unexpected keyword argument" not in str(e):
             raise
-        raise InputError(f"ds_config: {e} (check the \"params\" of \"optimizer\" and \"scheduler\")") from None
+        raise InputError(f"ds_config: {e} (check the \"params\" of \"optimizer\" and \"scheduler\")") from e
     remove_clip_sync(engine.optimizer)
     if run.compile:
         # static shapes: the training step's shapes never change, and inductor's dynamic-batch recompile
@@ -380,13 +382,13 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
         log.info("resumed from %s at step %d", resume_path, state["step"])
         planned = state.get("config", {}).get("max_steps")
         if planned is not None and planned != run.max_steps and state["step"] < run.max_steps:
-            log.warning("the run was planned for %d steps and now runs to %d: schedules with "
-                        "\"total_num_steps\": \"auto\" (the learning rate's cosine) are redrawn for %d steps "
-                        "from step %d on", planned, run.max_steps, run.max_steps, state["step"])
+            log.warning("the run was planned for %d steps and now runs to %d: from step %d on, what is "
+                        "derived from the run's length is redrawn for %d steps (\"auto\" warmup and cosine "
+                        "of the learning rate, the tokenizer's temperature and KL ramps)",
+                        planned, run.max_steps, state["step"], run.max_steps)
     step = state["step"]
-    if step >= run.max_steps:  # a finished run resumed: nothing is trained, saved or evaluated again
-        log.info("%s: the checkpoint is at step %d and --max_steps is %d: nothing left to train (raise "
-                 "--max_steps to train on)", job.name, step, run.max_steps)
+    if step >= run.max_steps:  # a finished run resumed (fine-tuning: its length comes from its epochs)
+        log.info(nothing_left_message(job.name, step, run.max_steps))
         return 0
     batches = DevicePrefetcher(job.batches(micro, state["micro_steps_consumed"]), device)
     guard = NonFiniteGuard(engine.optimizer, device, world, state["nonfinite_total"], run.max_nonfinite)

@@ -32,7 +32,7 @@ from cimfast.config import RunConfig, require
 from cimfast.dataloading import build_batches, build_image_dataset
 from cimfast.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.export import full_state_dict
-from cimfast.preflight import check_run, guarded, run_and_exit
+from cimfast.preflight import check_run, guarded, nothing_left, run_and_exit
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
 from cimfast.pipelines.views import as_unit
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
@@ -149,9 +149,13 @@ def train_tokenizer(argv) -> int:
                                        defaults={"output_dir": "outputs/tokenizer"},
                                        unused={"tokenizer_bf16": "it is pre-training's setting for its frozen "
                                                                  "tokenizer; the one trained here runs in the "
-                                                                 "engine's precision (\"bf16\" in the config)"})
+                                                                 "engine's precision (\"bf16\" in the config)",
+                                               "peak_tflops": "tokenizer training counts no FLOPs, so it reports "
+                                                              "no MFU"})
     fill_auto(ds_cfg, run)
     check_run(run, "dvae")
+    if nothing_left(run, "dvae"):  # a finished run resumed: nothing set up, written or evaluated again
+        return 0
     rank, world, device = init_distributed()
     job, heldout = setup(tcfg, run, ds_cfg, rank, world, device)
     code = run_job(job, run, ds_cfg, rank, world, device)

@@ -27,7 +27,7 @@ from cimfast.kernels.dispatch import use_triton
 from cimfast.metrics import CodeMarginal, ReplacedWatch, count_step_flops
 from cimfast.models.attention import probe
 from cimfast.pictures import save_grid
-from cimfast.preflight import check_run, guarded, run_and_exit
+from cimfast.preflight import check_run, guarded, nothing_left, run_and_exit
 from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
                              setup_logging, write_config)
 from cimfast.tokenizer import Tokenizer
@@ -44,6 +44,8 @@ def pretrain(argv) -> int:
     cfg, run, ds_cfg, ds_path = parse(argv)
     fill_auto(ds_cfg, run)
     check_run(run, "cim")  # every input error before DeepSpeed starts and before anything is written
+    if nothing_left(run, "cim"):  # a finished run resumed: nothing set up, written or evaluated again
+        return 0
     tokenizer = build_tokenizer(cfg)
     rank, world, device = init_distributed()
     code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, rank, world, device), run, ds_cfg, rank, world,

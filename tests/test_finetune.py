@@ -82,6 +82,12 @@ def test_finetune_mixup_layer_decay_val_top1_and_exact_resume(tmp_path):
         assert resumed[step] == pytest.approx(train[step]["loss"], rel=1e-5), step
     assert {x["step"]: x["val_top1"] for x in read_metrics(part) if "val_top1" in x} == \
         {s: v["val_top1"] for s, v in val.items()}
+    # resumed once more, finished: nothing trained, saved or evaluated (its length comes from the
+    # run's settings, so the check is the training loop's, after set-up)
+    before = read_metrics(part)
+    r = launch(["--ds_config", cfg, "--output_dir", part, "--resume", "auto"], _free_port())
+    assert r.returncode == 0 and "nothing left to train" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert read_metrics(part) == before
 
 
 def test_resnet50_recipe_runs_with_timm_lamb_and_bce(tmp_path):

@@ -142,10 +142,12 @@ def test_a_rerun_into_a_folder_with_checkpoints_refuses_and_resume_auto_says_wha
     assert "planned for 1 steps and now runs to 2" in r.stderr, r.stderr[-2000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         before = f.read()
+    written = os.stat(os.path.join(out, "config.json")).st_mtime_ns
     r = _train(["--output_dir", out, "--max_steps", "2", "--resume", "auto"])  # finished: nothing to do
     assert r.returncode == 0 and "nothing left to train" in r.stderr, r.stderr[-2000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert f.read() == before  # no second end record, no second evaluation
+    assert os.stat(os.path.join(out, "config.json")).st_mtime_ns == written  # nothing set up or written
     # fine-tuning and tokenizer training neither resume nor overwrite a pre-training folder
     for script in ("finetune.py", "tokenizer_train.py"):
         for extra in ([], ["--overwrite"], ["--resume", "auto"]):

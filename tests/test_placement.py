@@ -71,7 +71,7 @@ sys.exit("the first forward was never reached")
 
 def _run(entry, args, tmp_path):
     r = subprocess.run([sys.executable, "-c", SCRIPT, entry, "--output_dir", str(tmp_path / "out"), "--no-progress",
-                        "--num_workers", "0", "--tokenizer_bf16", "--pin_memory", *args],
+                        "--num_workers", "0", "--pin_memory", *args],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("FIRST_FORWARD "))
@@ -80,7 +80,7 @@ def _run(entry, args, tmp_path):
 
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
 def test_pretraining_setup_places_everything_on_the_training_device(tmp_path, objective):
-    devices = _run("train", ["--objective", objective], tmp_path)
+    devices = _run("train", ["--objective", objective, "--tokenizer_bf16"], tmp_path)
     assert devices and set(devices.values()) == {"meta"}, devices
 
 
