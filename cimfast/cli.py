@@ -56,7 +56,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.json",
-                 unused=(), defaults=None) -> argparse.ArgumentParser:
+                 unused=(), defaults=None, helps=None) -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=f"{what} {DESCRIPTION}")
     p.add_argument("--ds_config", default=None,
                    help=f"DeepSpeed JSON config (default: configs/{default_config} beside the package)")
@@ -69,7 +69,7 @@ def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.js
                 continue
             t = _arg_type(hints[f.name])
             default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-            text = f.metadata.get("help", "")
+            text = (helps or {}).get(f.name, f.metadata.get("help", ""))
             kw = dict(default=None, help=text if "(default:" in text else f"{text} (default: {default})")
             if t is bool:
                 g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
@@ -116,19 +116,20 @@ def refuse_unused(argv, section: dict, unused: dict, prog: str) -> None:
 
 
 def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
-          default_config="ds_demo.json", unused=None, defaults=None):
+          default_config="ds_demo.json", unused=None, defaults=None, helps=None):
     """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
 
     Classes with a ``resolve()`` method (presets) are resolved; all are validated. ``unused``
     ({field: what to do instead}) names fields this entry point does not read: they are left
     out of --help and refused where given. ``defaults`` ({field: value}) replaces the
-    dataclass defaults for this entry point (its own output folder, say)."""
+    dataclass defaults for this entry point (its own output folder, say); ``helps`` ({field:
+    text}) its --help texts where the shared ones describe pre-training."""
     import sys
 
     unused, defaults = unused or {}, defaults or {}
     argv = sys.argv[1:] if argv is None else list(argv)
     refuse_unused(argv, {}, unused, prog)  # before argparse, which would only say "unrecognized"
-    args = build_parser(groups, prog, what, default_config, unused, defaults).parse_args(argv)
+    args = build_parser(groups, prog, what, default_config, unused, defaults, helps).parse_args(argv)
     ds_path = args.ds_config or default_ds_config(default_config)
     ds = read_ds_config(ds_path)
     section = ds.pop(SECTION, {})

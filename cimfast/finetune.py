@@ -102,6 +102,12 @@ class FinetuneConfig:
 GROUPS = (("fine-tuning recipe", FinetuneConfig), ("run", RunConfig))
 _PRETRAINING = "it belongs to pre-training (cimfast/train.py); fine-tuning reads the labelled folders " \
                "through a torch DataLoader and draws no pictures"
+# the run settings' help where pre-training's text would mislead
+HELPS = {"seed": "run seed: data order, augmentation, mixup/cutmix draws, drop path",
+         "compile": "torch.compile the classifier (default: on with CUDA, off on a CPU)",
+         "num_workers": "DataLoader workers decoding and augmenting the labelled images",
+         "cache_dir": "where the demo digits are written (default: $CIMFAST_CACHE or ~/.cache/cimfast)",
+         "output_dir": "checkpoints, metrics, config.json"}
 # run settings of pre-training that fine-tuning does not read: refused where given, not ignored
 UNUSED = {"data_path": "give the labelled images with --train_path and --val_path (a subfolder of images per "
                        "class each)",
@@ -236,7 +242,7 @@ def finetune(argv) -> int:
     fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.finetune",
                                        what="Fine-tune a pre-trained enhancer (full fine-tuning).",
                                        default_config="ds_finetune_vit_base.json", unused=UNUSED,
-                                       defaults={"output_dir": "outputs/finetune"})
+                                       defaults={"output_dir": "outputs/finetune"}, helps=HELPS)
     check_run(run, "finetune")
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
     rank, world, device = init_distributed()

@@ -254,6 +254,15 @@ def train_step(engine, job: Job, batches, guard: NonFiniteGuard, meter: Meter, s
         done += 1
 
 
+def terminal_columns() -> int:
+    """The width of the terminal rank 0 writes to; 0 when stderr is no terminal (a file,
+    a pipe) or one that reports no width (tqdm draws nothing there)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError):
+        return 0
+
+
 class Outputs:
     """Rank 0's metric lines and progress bar; every rank's checkpoints and pictures."""
 
@@ -262,7 +271,7 @@ class Outputs:
         self.writer = MetricsWriter(run.output_dir, step) if rank == 0 else None
         self.bar = None
         self._redirect = None
-        if rank == 0 and run.progress and sys.stderr.isatty():
+        if rank == 0 and run.progress and terminal_columns() > 0:
             # A bar is for a terminal; into a file (a cluster's log) its redraws are one long
             # line, so there each metric record is a log line instead.
             self.bar = tqdm(total=run.max_steps, initial=step, desc=job.name, dynamic_ncols=True)

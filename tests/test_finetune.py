@@ -53,6 +53,9 @@ def test_help():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "cimfast", "finetune.py"), "--help"], env=ENV,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--layer_decay" in r.stdout and "--mixup" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "--data_path" not in text and "--pipeline" not in text  # pre-training's, refused here
+    assert "data order, augmentation, mixup/cutmix draws" in text and "outputs/finetune)" in text
 
 
 def test_finetune_mixup_layer_decay_val_top1_and_exact_resume(tmp_path):

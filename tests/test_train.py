@@ -242,7 +242,7 @@ def test_bad_config_names_the_key_before_building(tmp_path, section, flag, key):
     assert not os.path.exists(out)  # nothing was built or written
 
 
-def _run_on_a_terminal(cmd) -> str:
+def _run_on_a_terminal(cmd, columns=120) -> str:
     """Runs cmd with stdout and stderr on a pseudo-terminal; returns what it printed."""
     import fcntl
     import pty
@@ -250,7 +250,7 @@ def _run_on_a_terminal(cmd) -> str:
     import termios
 
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     import select
 
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
@@ -290,6 +290,9 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_file(tmp_path):
     assert any("checkpoint (interval)" in shown[i:i + 200] for i in starts)
     for i in starts:  # each record on its own line, none glued to the bar
         assert i == 0 or shown[i - 1] in "\r\n", repr(shown[max(0, i - 80):i + 40])
+    # a terminal that reports no width (tqdm would draw nothing): the log lines instead
+    shown = _run_on_a_terminal(cmd + ["--output_dir", str(tmp_path / "narrow")], columns=0)
+    assert "%|" not in shown and len(re.findall(r"cimfast INFO: step \d+: \{", shown)) == 4, shown[-2000:]
 
 
 def test_help_explains_options():
