@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import typing
 from dataclasses import fields
 
@@ -115,6 +116,11 @@ def refuse_unused(argv, section: dict, unused: dict, prog: str) -> None:
             raise ConfigError(f"{where}: not a setting of {prog}: {unused[name]}")
 
 
+def run_settings(run: RunConfig, unused=()) -> dict:
+    """The run settings an entry point records (config.json, checkpoints): those it reads."""
+    return {k: v for k, v in dataclasses.asdict(run).items() if k not in unused}
+
+
 def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
           default_config="ds_demo.json", unused=None, defaults=None, helps=None):
     """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
@@ -124,8 +130,6 @@ def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image 
     out of --help and refused where given. ``defaults`` ({field: value}) replaces the
     dataclass defaults for this entry point (its own output folder, say); ``helps`` ({field:
     text}) its --help texts where the shared ones describe pre-training."""
-    import sys
-
     unused, defaults = unused or {}, defaults or {}
     argv = sys.argv[1:] if argv is None else list(argv)
     refuse_unused(argv, {}, unused, prog)  # before argparse, which would only say "unrecognized"
@@ -176,8 +180,6 @@ DS_KEYS = frozenset((
 
 def _deepspeed_setting_names() -> set[str]:
     """The lower-case string constants of DeepSpeed's config modules: the names it reads settings by."""
-    import sys
-
     import deepspeed.runtime.config  # noqa: F401  (loads its constants modules)
 
     names = set()

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cimfast.cli import parse
+from cimfast.cli import parse, run_settings
 from cimfast.config import InputError, RunConfig, require
 from cimfast.cim import IMAGENET_MEAN, IMAGENET_STD
 from cimfast.evaluate import ViewSource, labelled_files, load_enhancer, normalized, resolve_paths
@@ -297,8 +297,8 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
     fill_auto(ds_cfg, run)
     opt = ds_cfg.get("optimizer", {}).get("params", {})
     groups = layer_decay_groups(model, opt.get("lr", 1e-3), opt.get("weight_decay", 0.0), fcfg.layer_decay)
-    run_settings = {k: v for k, v in asdict(run).items() if k not in UNUSED}
-    settings = {**asdict(fcfg), **run_settings, **info, "classes": classes, "steps_per_epoch": steps_per_epoch}
+    settings = {**asdict(fcfg), **run_settings(run, UNUSED), **info, "classes": classes,
+                "steps_per_epoch": steps_per_epoch}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})
     model.to(device)
     dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else \

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from cimfast import checkpoint
-from cimfast.cli import parse
+from cimfast.cli import parse, run_settings
 from cimfast.config import RunConfig, require
 from cimfast.dataloading import build_batches, build_image_dataset
 from cimfast.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
@@ -135,6 +135,10 @@ def save_reconstructions(images: torch.Tensor, recon: torch.Tensor, path: str, n
 
 
 GROUPS = (("tokenizer", TokenizerConfig), ("run", RunConfig))
+# run settings of pre-training that tokenizer training does not read: refused where given, not ignored
+UNUSED = {"tokenizer_bf16": "it is pre-training's setting for its frozen tokenizer; the one trained here runs in "
+                            "the engine's precision (\"bf16\" in the config)",
+          "peak_tflops": "tokenizer training counts no FLOPs, so it reports no MFU"}
 
 
 def main(argv=None) -> int:
@@ -146,12 +150,7 @@ def train_tokenizer(argv) -> int:
     tcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.tokenizer_train",
                                        what="Train a DALL-E-architecture tokenizer (dVAE).",
                                        default_config="ds_tokenizer_demo.json",
-                                       defaults={"output_dir": "outputs/tokenizer"},
-                                       unused={"tokenizer_bf16": "it is pre-training's setting for its frozen "
-                                                                 "tokenizer; the one trained here runs in the "
-                                                                 "engine's precision (\"bf16\" in the config)",
-                                               "peak_tflops": "tokenizer training counts no FLOPs, so it reports "
-                                                              "no MFU"})
+                                       defaults={"output_dir": "outputs/tokenizer"}, unused=UNUSED)
     fill_auto(ds_cfg, run)
     check_run(run, "dvae")
     if nothing_left(run, "dvae"):  # a finished run resumed: nothing set up, written or evaluated again
@@ -171,7 +170,7 @@ def setup(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict, rank: int, world:
     """The dVAE job (built in one order, placed on ``device`` in one place) and the held-out images."""
     resolve_cuda_defaults(run, device)
     spec = tcfg.spec()
-    settings = {**asdict(tcfg), **asdict(run), "spec": asdict(spec)}
+    settings = {**asdict(tcfg), **run_settings(run, UNUSED), "spec": asdict(spec)}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg})
     dataset = build_image_dataset(run, tcfg.image_size, None, mask_fn=None)
     heldout = heldout_images(tcfg, run)

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 
 from cimfast.cim import CIMModel, build_tokenizer
-from cimfast.cli import parse
+from cimfast.cli import parse, run_settings
 from cimfast.config import Config, RunConfig
 from cimfast.dataloading import build_batches, build_dataset, fixed_batch
 from cimfast.evaluate import LabelledSplits
@@ -61,7 +61,7 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
     FLOPs counted on the meta device, then both moved together, then the
     device-only set-up."""
     resolve_cuda_defaults(run, device)
-    settings = {**asdict(cfg), **asdict(run)}
+    settings = {**asdict(cfg), **run_settings(run)}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})
     dataset = build_dataset(cfg, run)  # a bad data path fails before anything is built
     shown = fixed_batch(dataset, 8)
