@@ -88,8 +88,7 @@ def _run(benchmark, kernel_report, op, impl, step, nbytes, device, rounds):
     kernel_report.append(row)
 
 
-def _sample_ce_case(benchmark, kernel_report, impl, device, B, masked, V, dtype, rounds, temperature=1.0,
-                    **launch):
+def _sample_ce_case(benchmark, kernel_report, impl, device, B, masked, V, dtype, rounds, **launch):
     logits, ids, mask, keys = _sampling_inputs(B, 196, masked, V, dtype, device)
     # static masked positions, as cim.py gathers them: no host sync inside the step
     pos = torch.nonzero_static(mask.flatten(), size=B * masked).squeeze(1)
@@ -98,13 +97,12 @@ def _sample_ce_case(benchmark, kernel_report, impl, device, B, masked, V, dtype,
 
     def step():
         x.grad = None
-        fn(x, ids, mask, keys, temperature, positions=pos, **launch).loss_rows.mean().backward()
+        fn(x, ids, mask, keys, 1.0, positions=pos, **launch).loss_rows.mean().backward()
 
     # The fused design's traffic: logits read twice (statistics, then the gradient
     # pass), the gradient buffer written and read back, d logits written.
     nbytes = 5 * x.numel() * x.element_size()
-    variant = [f"T={temperature}"] if temperature != 1.0 else []
-    variant += [f"{k[0]}{v}" for k, v in launch.items()]  # r: rows per program, b: columns per chunk
+    variant = [f"{k[0]}{v}" for k, v in launch.items()]  # r: rows per program, b: columns per chunk
     label = f"{impl} {','.join(variant)}" if variant else impl
     _run(benchmark, kernel_report, "sample_ce", label, step, nbytes, device, rounds)
 
@@ -143,15 +141,14 @@ def test_window_norm_loss_gpu(benchmark, kernel_report, impl):
 
 
 # Other launch shapes of the sampler beside the default (rows per program r, columns per
-# chunk b), and a temperature that needs the division: data for choosing the defaults.
+# chunk b): data for choosing the defaults.
 # Run after test_sample_ce_gpu, whose reference row gives each its speed-up.
 SWEEP = [dict(rows_per_program=r, block_v=b) for r, b in ((1, 2048), (1, 4096), (2, 4096), (4, 2048), (8, 1024))]
 
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", SWEEP + [dict(temperature=0.7)],
-                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("launch", SWEEP, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_sample_ce_launch_sweep_gpu(benchmark, kernel_report, launch):
     _sample_ce_case(benchmark, kernel_report, "triton", "cuda", B=256, masked=75, V=8192,
                     dtype=torch.bfloat16, rounds=10, **launch)

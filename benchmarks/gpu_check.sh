@@ -14,7 +14,7 @@
 #                 k-NN cut off by the old 60 s limit)
 #   e2e 100       end to end, plain path against fast path, base preset (large: cut off at 75 s, no line)
 #   kernels 45    kernel benchmarks, each beside its reference (19 s), then the sampler at 5 other
-#                 launch shapes and at temperature 0.7 (new, not yet run: about 15 s more)
+#                 launch shapes (new, not yet run: about 15 s more)
 #   syncs 90      host syncs per step (torch.cuda.set_sync_debug_mode), with and without overlap_comm (28 + 23 s)
 # All of them: 500 s at most (the limits; the times measured so far, e2e and k-NN not among them,
 # add up to about 250 s), plus ~45 s of installs and set-up: one call with timeout_s 580.

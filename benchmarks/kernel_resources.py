@@ -74,7 +74,7 @@ def cases(interpreter_launch: bool = False):
                     out.append(("sample_ce_fwd", sampling._sample_ce_fwd_kernel,
                                 (dtype, V, torch.int64, torch.int64, torch.int64, torch.float32, torch.int64,
                                  torch.float32, torch.int8, dtype, M, V, 1.0),
-                                dict(ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=True, SCALE=True, num_warps=warps), desc))
+                                dict(ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=True, num_warps=warps), desc))
                     rows, block, warps = sampling._backward_launch_config(V, interpreter=il)
                     out.append(("sample_ce_bwd", sampling._scale_rows_kernel,
                                 (dtype, torch.float32, dtype, M, V),

@@ -161,7 +161,7 @@ if HAS_TRITON:
         logits_ptr, stride_row, ids_ptr, pos_ptr, keys_ptr,
         loss_ptr, corrupted_ptr, replaced_ptr, correct_ptr, grad_ptr,
         M, V, temperature,
-        ROWS: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SCALE: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -201,13 +201,8 @@ if HAS_TRITON:
             # The reference's counter-based Gumbel noise, recomputed from (row key, column).
             h = _hash32(key[:, None] ^ cols[None, :].to(tl.uint32))
             u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # as uniform_from_bits: 23 bits, u < 1
-            # div_rn: IEEE division like PyTorch's (a GPU's default '/' is approximate); at
-            # temperature 1 (SCALE false) x / 1 is x exactly, and the division is left out
-            if SCALE:
-                xt = tl.math.div_rn(x, temperature)
-            else:
-                xt = x
-            score = tl.where(col_ok[None, :], xt - tl.log(-tl.log(u)), float("-inf"))
+            # div_rn: IEEE division like PyTorch's (a GPU's default '/' is approximate)
+            score = tl.where(col_ok[None, :], tl.math.div_rn(x, temperature) - tl.log(-tl.log(u)), float("-inf"))
             smax = tl.max(score, axis=1)
             draw = tl.where(smax > best, v0 + tl.argmax(score, axis=1), draw)
             best = tl.maximum(best, smax)
@@ -295,7 +290,7 @@ def _sample_ce_op(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tens
         logits, logits.stride(0), ids, positions.contiguous(), keys.contiguous(),
         loss, corrupted, replaced, correct.view(torch.int8), grad,
         M, V, float(temperature),
-        ROWS=rows, BLOCK_V=block, COMPUTE_GRAD=compute_grad, SCALE=float(temperature) != 1.0, num_warps=num_warps)
+        ROWS=rows, BLOCK_V=block, COMPUTE_GRAD=compute_grad, num_warps=num_warps)
     return loss, corrupted, replaced, correct, grad
 
 
