@@ -5,14 +5,18 @@ setup(
     version="0.1.0",
     description="Fast Corrupted Image Modeling (CIM) self-supervised pre-training",
     python_requires=">=3.10",
-    packages=["cimfast", "cimfast.models", "cimfast.kernels", "cimfast.pipelines"],
+    packages=["cimfast", "cimfast.config", "cimfast.engine", "cimfast.evaluation", "cimfast.models",
+              "cimfast.objective", "cimfast.tokenizer", "cimfast.kernels", "cimfast.pipelines", "cimfast.configs"],
     # kernels/ and pipelines/ sit at the top of the repository (each can be tested and
     # benchmarked alone) but install inside the package, as cimfast.kernels and
     # cimfast.pipelines: nothing named `kernels` or `pipelines` lands at the top of a
     # user's site-packages (a PyPI package named `kernels` exists). Code imports them as
     # `from cimfast.kernels import ...`; an editable install (pip install -e .) maps them.
-    package_dir={"cimfast": "cimfast", "cimfast.kernels": "kernels", "cimfast.pipelines": "pipelines"},
-    package_data={"cimfast": ["assets/*.safetensors", "assets/*.json"]},
+    # configs/ likewise installs as cimfast.configs, so an installed cimfast finds its shipped
+    # DeepSpeed configs with importlib.resources, wherever it is installed.
+    package_dir={"cimfast": "cimfast", "cimfast.kernels": "kernels", "cimfast.pipelines": "pipelines",
+                 "cimfast.configs": "configs"},
+    package_data={"cimfast": ["assets/*.safetensors", "assets/*.json"], "cimfast.configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

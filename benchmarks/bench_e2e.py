@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from cimfast.cim import CIMModel, build_tokenizer
-from cimfast.config import Config
-from cimfast.masking import BlockMaskGenerator
-from cimfast.metrics import count_step_flops, peak_flops
+from cimfast.config.settings import Config
+from cimfast.engine.metrics import count_step_flops, peak_flops
 from cimfast.models import attention
-from cimfast.tokenizer import DALLE_SPEC, Tokenizer
+from cimfast.objective.cim import CIMModel, build_tokenizer
+from cimfast.objective.masking import BlockMaskGenerator
+from cimfast.tokenizer.model import DALLE_SPEC, Tokenizer
 
 
 def synthetic_batch(cfg: Config, batch: int, device) -> dict:

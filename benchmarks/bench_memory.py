@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from cimfast.cim import CIMModel
-from cimfast.config import Config
-from cimfast.tokenizer import DALLE_SPEC, TINY_SPEC, Tokenizer
+from cimfast.config.settings import Config
+from cimfast.objective.cim import CIMModel
+from cimfast.tokenizer.model import DALLE_SPEC, TINY_SPEC, Tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import synthetic_batch  # noqa: E402

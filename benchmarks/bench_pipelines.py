@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 if __name__ == "__main__" and not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cimfast.masking import BlockMaskGenerator  # noqa: E402
+from cimfast.objective.masking import BlockMaskGenerator  # noqa: E402
 from cimfast.pipelines.dali import DaliBatches  # noqa: E402
 from cimfast.pipelines.datasets import FileListDataset  # noqa: E402
 from cimfast.pipelines.demo import demo_images  # noqa: E402

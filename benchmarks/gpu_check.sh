@@ -88,8 +88,8 @@ $PY -m xformers.info > $W/xformers_info.txt 2>&1 || log "xformers not usable (se
 $PY - <<'PYEOF' >> $W/setup.txt 2>&1
 import json
 import torch
-from cimfast.tokenizer import DALLE_SPEC, Tokenizer
-from cimfast.tokenizer_files import save_safetensors
+from cimfast.tokenizer.model import DALLE_SPEC, Tokenizer
+from cimfast.tokenizer.files import save_safetensors
 torch.manual_seed(0)
 save_safetensors(Tokenizer(DALLE_SPEC), "/tmp/dalle_random.safetensors", {"weights": "random, for throughput"})
 cfg = json.load(open("configs/ds_vit_base.json"))

@@ -33,7 +33,8 @@ import warnings
 
 import torch
 
-from cimfast import runtime, train
+from cimfast import train
+from cimfast.engine import loop
 
 METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     counter.install()
     counter.cuda_warns = bool(a.cuda_sync_mode)
     per_step = []
-    original_step = runtime.train_step
+    original_step = loop.train_step
 
     def counted_step(*args, **kwargs):
         counter.count = 0
@@ -135,11 +136,11 @@ def main(argv=None) -> int:
             per_step.append(counter.count if counter.active else None)
             counter.active = False
 
-    runtime.train_step = counted_step
+    loop.train_step = counted_step
     try:
         code = train.main(["--ds_config", cfg_path, "--output_dir", os.path.join(tmp, "out"), *rest])
     finally:  # the run's checkpoints are not the result: leave nothing in the temporary folder
-        runtime.train_step = original_step
+        loop.train_step = original_step
         shutil.rmtree(tmp, ignore_errors=True)
     counted = [c for c in per_step if c is not None]
     result = {"exit_code": code, "bf16": a.bf16, "legacy": a.legacy, "steps_counted": len(counted),

@@ -19,11 +19,11 @@ import json
 
 import torch
 
-from cimfast.cim import TINY_TOKENIZER
+from cimfast.objective.cim import TINY_TOKENIZER
 from cimfast.pipelines.datasets import DemoDataset
 from cimfast.pipelines.views import as_unit
-from cimfast.tokenizer import DALLE_SPEC, Tokenizer, map_pixels
-from cimfast.tokenizer_files import load_tokenizer
+from cimfast.tokenizer.files import load_tokenizer
+from cimfast.tokenizer.model import DALLE_SPEC, Tokenizer, map_pixels
 
 
 @torch.no_grad()

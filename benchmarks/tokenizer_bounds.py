@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cimfast.cim import TINY_TOKENIZER  # noqa: E402
 from cimfast.kernels.pixel_loss import window_normalize  # noqa: E402
+from cimfast.objective.cim import TINY_TOKENIZER  # noqa: E402
 from cimfast.pipelines.datasets import DemoDataset  # noqa: E402
 from cimfast.pipelines.views import as_unit  # noqa: E402
-from cimfast.tokenizer_files import load_tokenizer  # noqa: E402
+from cimfast.tokenizer.files import load_tokenizer  # noqa: E402
 
 
 def cells(x: torch.Tensor) -> np.ndarray:

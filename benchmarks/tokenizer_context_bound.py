@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer_bounds import cells, crops  # noqa: E402
 
-from cimfast.cim import TINY_TOKENIZER  # noqa: E402
-from cimfast.tokenizer import Decoder, map_pixels, unmap_pixels  # noqa: E402
-from cimfast.tokenizer_files import load_tokenizer  # noqa: E402
+from cimfast.objective.cim import TINY_TOKENIZER  # noqa: E402
+from cimfast.tokenizer.files import load_tokenizer  # noqa: E402
+from cimfast.tokenizer.model import Decoder, map_pixels, unmap_pixels  # noqa: E402
 
 
 def db(mse: float) -> float:

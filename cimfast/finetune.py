@@ -34,13 +34,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cimfast.cli import parse, run_settings
-from cimfast.config import InputError, RunConfig, require
-from cimfast.cim import IMAGENET_MEAN, IMAGENET_STD
-from cimfast.evaluate import ViewSource, labelled_files, load_enhancer, normalized, resolve_paths
-from cimfast.preflight import check_run, guarded, run_and_exit
-from cimfast.runtime import Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job, setup_logging, \
-    write_config
+from cimfast.config.cli import parse, run_settings
+from cimfast.config.preflight import check_run, guarded, run_and_exit
+from cimfast.config.settings import InputError, RunConfig, require
+from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
+from cimfast.engine.loop import Job, run_job, write_config
+from cimfast.evaluation.labelled import ViewSource, labelled_files, normalized, resolve_paths
+from cimfast.evaluation.loading import load_enhancer
+from cimfast.models.timm_names import TIMM_VITS
+from cimfast.objective.cim import IMAGENET_MEAN, IMAGENET_STD
+from cimfast.pipelines.sampler import build_loader
 
 log = logging.getLogger("cimfast")
 
@@ -119,8 +122,6 @@ UNUSED = {"data_path": "give the labelled images with --train_path and --val_pat
 def build_classifier(fcfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
     """timm's model of the enhancer's architecture, with its weights and a new head."""
     import timm
-
-    from cimfast.export import TIMM_VITS
 
     enhancer, cfg = load_enhancer(fcfg.model, fcfg.preset)
     sd = enhancer.timm_state_dict()
@@ -256,8 +257,6 @@ def finetune(argv) -> int:
 def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, train_path: str, val_path: str,
           rank: int, world: int, device: torch.device, argv=None) -> Job:
     from timm.data import Mixup
-
-    from cimfast.pipelines.sampler import build_loader
 
     resolve_cuda_defaults(run, device)
     files, labels, classes = labelled_files(train_path, run.cache_dir)

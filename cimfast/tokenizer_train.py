@@ -12,7 +12,6 @@ picture of originals beside reconstructions.
 from __future__ import annotations
 
 import os
-import sys
 
 if __name__ == "__main__" and not __package__:
     import _script_path  # noqa: F401  (sys.path set-up for running as a script)
@@ -26,19 +25,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from cimfast import checkpoint
-from cimfast.cli import parse, run_settings
-from cimfast.config import RunConfig, require
-from cimfast.dataloading import build_batches, build_image_dataset
-from cimfast.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
-from cimfast.export import full_state_dict
-from cimfast.preflight import check_run, guarded, nothing_left, run_and_exit
+from cimfast.config.cli import parse, run_settings
+from cimfast.config.preflight import check_run, guarded, nothing_left, run_and_exit
+from cimfast.config.settings import RunConfig, require
+from cimfast.engine import checkpoint
+from cimfast.engine.checkpoint import full_state_dict
+from cimfast.engine.data import build_batches, build_image_dataset
+from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
+from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
 from cimfast.pipelines.views import as_unit
-from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
-                             setup_logging, write_config)
-from cimfast.tokenizer import DALLE_SPEC, TINY_SPEC, Decoder, Encoder, Tokenizer, TokenizerSpec
-from cimfast.tokenizer_files import save_safetensors, tokenizer_from_state_dict
+from cimfast.tokenizer.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
+from cimfast.tokenizer.files import save_safetensors, tokenizer_from_state_dict
+from cimfast.tokenizer.model import DALLE_SPEC, TINY_SPEC, Decoder, Encoder, Tokenizer, TokenizerSpec
 
 log = logging.getLogger("cimfast")
 SPECS = {"tiny": TINY_SPEC, "dalle": DALLE_SPEC}
@@ -63,7 +62,7 @@ class TokenizerConfig:
     kl_ramp_steps: typing.Optional[int] = field(default=None, metadata={"help": "KL ramp (default: max_steps / 4)"})
     usage_weight: float = field(default=0.0, metadata={
         "help": "weight of the codebook-usage term KL(code marginal || uniform); 0: DALL-E's recipe. "
-                "On small data sets the codebook collapses without it (see cimfast.dvae.usage_kl)"})
+                "On small data sets the codebook collapses without it (see cimfast.tokenizer.dvae.usage_kl)"})
     heldout_path: typing.Optional[str] = field(default=None, metadata={
         "help": "held-out images for the report (default: the demo's held-out photos with the demo data)"})
     heldout_samples: int = field(default=64, metadata={"help": "held-out crops in the report"})

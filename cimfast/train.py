@@ -8,8 +8,6 @@ rendezvous defaults are filled in). With no data path it pre-trains the
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 if __name__ == "__main__" and not __package__:
     import _script_path  # noqa: F401  (sys.path set-up for running as a script)
@@ -18,19 +16,20 @@ from dataclasses import asdict
 
 import torch
 
-from cimfast.cim import CIMModel, build_tokenizer
-from cimfast.cli import parse, run_settings
-from cimfast.config import Config, RunConfig
-from cimfast.dataloading import build_batches, build_dataset, fixed_batch
-from cimfast.evaluate import LabelledSplits
+from cimfast.config.cli import parse, run_settings
+from cimfast.config.preflight import check_run, guarded, nothing_left, run_and_exit
+from cimfast.config.settings import Config, RunConfig
+from cimfast.engine.data import build_batches, build_dataset, fixed_batch
+from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
+from cimfast.engine.loop import Job, run_job, write_config
+from cimfast.engine.metrics import count_step_flops
+from cimfast.engine.pictures import save_grid
+from cimfast.evaluation.knn import LabelledSplits
 from cimfast.kernels.dispatch import use_triton
-from cimfast.metrics import CodeMarginal, ReplacedWatch, count_step_flops
 from cimfast.models.attention import probe
-from cimfast.pictures import save_grid
-from cimfast.preflight import check_run, guarded, nothing_left, run_and_exit
-from cimfast.runtime import (Job, fill_auto, finish, init_distributed, resolve_cuda_defaults, run_job,
-                             setup_logging, write_config)
-from cimfast.tokenizer import Tokenizer
+from cimfast.objective.cim import CIMModel, build_tokenizer
+from cimfast.objective.diagnostics import CodeMarginal, ReplacedWatch
+from cimfast.tokenizer.model import Tokenizer
 
 log = logging.getLogger("cimfast")
 

@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from cimfast import tokenizer as T
+from cimfast.tokenizer import model as T
 
 _NAMES = {"dall_e.encoder": ("Encoder", "EncoderBlock"), "dall_e.decoder": ("Decoder", "DecoderBlock"),
           "dall_e.utils": ("Conv2d",)}

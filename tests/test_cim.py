@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from cimfast.cim import CIMModel, build_tokenizer
-from cimfast.config import Config, ConfigError, from_dict
-from cimfast.masking import BlockMaskGenerator
-from cimfast.metrics import CodeMarginal
+from cimfast.config.settings import Config, ConfigError, from_dict
+from cimfast.objective.cim import CIMModel, build_tokenizer
+from cimfast.objective.diagnostics import CodeMarginal
+from cimfast.objective.masking import BlockMaskGenerator
 from cimfast.pipelines.datasets import DemoDataset
-from cimfast.tokenizer_files import TokenizerFileError
+from cimfast.tokenizer.files import TokenizerFileError
 
 
 def _setup(preset="tiny", objective="respix", **kw):

@@ -4,11 +4,11 @@ GPU check runs inductor)."""
 import pytest
 import torch
 
-from cimfast.config import Config
-from cimfast.masking import BlockMaskGenerator
+from cimfast.config.settings import Config
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer
-from cimfast.tokenizer import TINY_SPEC, Tokenizer
-from cimfast.cim import CIMModel
+from cimfast.objective.cim import CIMModel
+from cimfast.objective.masking import BlockMaskGenerator
+from cimfast.tokenizer.model import TINY_SPEC, Tokenizer
 
 
 def _batch(cfg, n=4):

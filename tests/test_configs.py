@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from cimfast.cli import parse
+from cimfast.config.cli import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys)
     """--data_path given to fine-tuning was checked, then ignored: it fine-tuned on the demo digits."""
     import json
 
-    from cimfast.config import ConfigError
+    from cimfast.config.settings import ConfigError
     from cimfast.finetune import GROUPS, UNUSED
 
     ft = os.path.join(ROOT, "configs", "ds_finetune_vit_base.json")
@@ -85,7 +85,7 @@ def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys)
     assert "data_path" not in str(e.value)
     fcfg, run, _, _ = parse(["--ds_config", ft, "--max_steps", "4"], GROUPS, unused=UNUSED)  # the rest parses
     assert run.max_steps == 4
-    from cimfast.cli import build_parser
+    from cimfast.config.cli import build_parser
 
     text = build_parser(GROUPS, "cimfast.finetune", "", unused=UNUSED).format_help()
     assert "--train_path" in text and "--max_steps" in text

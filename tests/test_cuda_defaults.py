@@ -9,9 +9,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from cimfast.metrics import read_metrics
+from cimfast.engine.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

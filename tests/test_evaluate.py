@@ -10,11 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cimfast.config import InputError
-from cimfast.evaluate import knn_classify, labelled_files, linear_probe, load_enhancer
+from cimfast.config.settings import InputError
+from cimfast.evaluation.knn import knn_classify
+from cimfast.evaluation.labelled import labelled_files
+from cimfast.evaluation.loading import load_enhancer
+from cimfast.evaluation.probe import linear_probe
 from cimfast.kernels.pixel_loss import window_normalize
-from cimfast.metrics import (CodeMarginal, ReplacedWatch, balanced_accuracy, code_counts, entropy_of_counts,
-                             trivial_accuracy)
+from cimfast.objective.diagnostics import (
+    CodeMarginal,
+    ReplacedWatch,
+    balanced_accuracy,
+    code_counts,
+    entropy_of_counts,
+    trivial_accuracy,
+)
 from tests.labelled import make_labelled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,11 +120,12 @@ def test_replaced_watch_warns_once_on_a_long_stretch_only(caplog):
 
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
 def test_the_step_reports_trivial_baselines(objective):
-    from cimfast.cim import CIMModel
-    from cimfast.config import Config
-    from cimfast.masking import BlockMaskGenerator
-    from cimfast.tokenizer import TINY_SPEC, Tokenizer
     import numpy as np
+
+    from cimfast.config.settings import Config
+    from cimfast.objective.cim import CIMModel
+    from cimfast.objective.masking import BlockMaskGenerator
+    from cimfast.tokenizer.model import TINY_SPEC, Tokenizer
 
     cfg = Config(preset="tiny", objective=objective, img_size=64, num_masked=6, min_block=2)
     cfg.resolve()
@@ -199,7 +209,7 @@ def test_evaluate_under_the_deepspeed_launcher_matches_one_rank(tmp_path):
 
 def test_lars_is_maes_update():
     """One LARS step by hand: momentum buffer = trust x |w| / |g| x g for matrices, g for vectors."""
-    from cimfast.evaluate import LARS
+    from cimfast.evaluation.probe import LARS
 
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))

@@ -6,8 +6,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from cimfast.config import Config
-from cimfast.export import beit_state_dict, create_model_line, main, timm_spec
+from cimfast.config.settings import Config
+from cimfast.export import main
+from cimfast.models.timm_names import beit_state_dict, create_model_line, timm_spec
 from cimfast.models.vit import ViTEnhancer
 
 timm = pytest.importorskip("timm")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cimfast.metrics import read_metrics
+from cimfast.engine.metrics import read_metrics
 from tests.labelled import make_labelled
 from tests.test_signals import _free_port
 

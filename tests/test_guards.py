@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from cimfast.guards import NonFiniteGuard, _unscale_and_clip_grads_on_device, device_skip_optimizer
+from cimfast.engine.guards import NonFiniteGuard, _unscale_and_clip_grads_on_device, device_skip_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,8 +106,8 @@ def test_clipping_without_host_read_matches_deepspeed(norm, clip):
 SCHEDULE = r"""
 import json, sys, torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
-from cimfast.runtime import fill_auto
-from cimfast.config import RunConfig
+from cimfast.engine.distributed import fill_auto
+from cimfast.config.settings import RunConfig
 ds = json.load(open(sys.argv[1]))
 ds.pop("cimfast", None)
 fill_auto(ds, RunConfig(max_steps=1000))
@@ -185,7 +185,7 @@ def test_norm_masking_without_host_sync_matches_deepspeed(value):
     """The sync-free twin of DeepSpeed's gradient-norm masking writes what DeepSpeed's writes."""
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
-    from cimfast.guards import mask_nan_or_inf_on_device
+    from cimfast.engine.guards import mask_nan_or_inf_on_device
 
     ours, theirs = torch.tensor(value), torch.tensor(value)
     mask_nan_or_inf_on_device(ours, device="cpu")
@@ -198,7 +198,7 @@ def test_norm_masking_without_host_sync_matches_deepspeed(value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_norm_masking_makes_no_cuda_sync():
     """DeepSpeed's version makes two host syncs on CUDA (counted on an H200); the twin none."""
-    from cimfast.guards import mask_nan_or_inf_on_device
+    from cimfast.engine.guards import mask_nan_or_inf_on_device
 
     norm = torch.tensor(float("inf"), device="cuda")
     torch.cuda.synchronize()
@@ -211,7 +211,7 @@ def test_norm_masking_makes_no_cuda_sync():
 
 
 def test_meter_leaves_nonfinite_values_out_of_the_means():
-    from cimfast.metrics import Meter
+    from cimfast.engine.metrics import Meter
 
     meter = Meter(world=1, global_batch=4, flops_per_image=0.0, peak=None, step=0)
     for v in (1.0, float("nan"), 3.0):
@@ -224,9 +224,9 @@ DS_SKIP = r"""
 import json, os, sys, torch
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed
-from cimfast.config import RunConfig
-from cimfast.guards import NonFiniteGuard, remove_clip_sync
-from cimfast.runtime import fill_auto
+from cimfast.config.settings import RunConfig
+from cimfast.engine.guards import NonFiniteGuard, remove_clip_sync
+from cimfast.engine.distributed import fill_auto
 
 class InfGrad(torch.autograd.Function):  # identity forward, infinite gradient
     @staticmethod
@@ -247,7 +247,7 @@ assert ds["bf16"]["check_grad_overflow"] is False
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
 remove_clip_sync(engine.optimizer)
 from deepspeed.runtime.zero import stage_1_and_2
-from cimfast.guards import mask_nan_or_inf_on_device
+from cimfast.engine.guards import mask_nan_or_inf_on_device
 assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is mask_nan_or_inf_on_device
 guard = NonFiniteGuard(engine.optimizer, torch.device("cpu"), 1)
 assert guard.on_device
@@ -297,7 +297,7 @@ def test_fp16_checkpoint_state_passes_the_safe_load(tmp_path):
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-    from cimfast.checkpoint import verify_files
+    from cimfast.engine.checkpoint import verify_files
 
     scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
                                consecutive_hysteresis=False)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from cimfast.tokenizer.model import TINY_SPEC
 from tests.dalle_format import write_official
-from cimfast.tokenizer import TINY_SPEC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -70,8 +70,8 @@ def test_unknown_deepspeed_keys_warn_and_close_ones_are_refused(caplog):
     """DeepSpeed ignores top-level keys it does not know: a likely typo is an error, another key a warning."""
     import logging
 
-    from cimfast.cli import check_ds_keys
-    from cimfast.config import ConfigError
+    from cimfast.config.cli import check_ds_keys
+    from cimfast.config.settings import ConfigError
 
     for typo, meant in (("train_batch_sizee", "train_batch_size"), ("gradient_clip", "gradient_clipping")):
         with pytest.raises(ConfigError, match=f"did you mean {meant}"):
@@ -79,7 +79,7 @@ def test_unknown_deepspeed_keys_warn_and_close_ones_are_refused(caplog):
     with caplog.at_level(logging.WARNING, logger="cimfast"):
         check_ds_keys({"train_batch_size": 8, "my_notes": "x"})
     assert [r.getMessage() for r in caplog.records if "my_notes" in r.getMessage()]
-    for name in os.listdir(os.path.join(ROOT, "configs")):  # the shipped configs: nothing unknown
+    for name in sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".json")):  # the shipped configs: nothing unknown
         cfg = json.load(open(os.path.join(ROOT, "configs", name)))
         cfg.pop("cimfast", None)
         caplog.clear()
@@ -184,7 +184,7 @@ def test_a_script_that_raises_exits_at_once_with_its_traceback():
     """The entry scripts end through run_and_exit: a run that raised on an H200 sat 40 s after its
     traceback (until killed), holding the GPU. A thread that never ends must not keep it alive."""
     code = ("import threading, time\n"
-            "from cimfast.preflight import run_and_exit\n"
+            "from cimfast.config.preflight import run_and_exit\n"
             "threading.Thread(target=time.sleep, args=(120,)).start()\n"
             "def main():\n"
             "    raise RuntimeError('inductor fell over')\n"
@@ -201,7 +201,7 @@ def test_a_script_that_raises_exits_at_once_with_its_traceback():
     ("return None", 0, ""), ("return 2", 2, ""), ("raise SystemExit", 0, ""), ("raise SystemExit(3)", 3, ""),
     ("raise SystemExit('cimfast: bad input')", 1, "cimfast: bad input"), ("raise KeyboardInterrupt", 130, "")])
 def test_run_and_exit_keeps_pythons_exit_codes(body, code, err):
-    src = f"from cimfast.preflight import run_and_exit\ndef main():\n    {body}\nrun_and_exit(main)\n"
+    src = f"from cimfast.config.preflight import run_and_exit\ndef main():\n    {body}\nrun_and_exit(main)\n"
     r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == code, r.stderr
     assert err in r.stderr and ("Traceback" not in r.stderr)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cimfast.masking import BlockMaskGenerator
+from cimfast.objective.masking import BlockMaskGenerator
 
 
 @pytest.mark.parametrize("grid,num,min_block", [(14, 75, 16), (14, 118, 16), (7, 20, 4), (14, 16, 16), (7, 49, 4)])

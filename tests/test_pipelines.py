@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cimfast.config import Config, RunConfig
-from cimfast.dataloading import build_batches, build_dataset, pipeline_candidates
-from cimfast.masking import BlockMaskGenerator
+from cimfast.config.settings import Config, RunConfig
+from cimfast.engine.data import build_batches, build_dataset, pipeline_candidates
+from cimfast.objective.masking import BlockMaskGenerator
 from cimfast.pipelines.datasets import FileListDataset, decode_bytes, decode_pil, list_images, read_file_list
 from cimfast.pipelines.sampler import EpochSampler, build_loader
-from cimfast.pipelines.views import as_unit
 from cimfast.pipelines.synthetic import SyntheticBatches
 from cimfast.pipelines.validate import validate
+from cimfast.pipelines.views import as_unit
 
 try:
     from cimfast.pipelines.dali import DaliBatches, dali_available
@@ -290,9 +290,9 @@ def test_synthetic_batches():
 
 
 def test_pipeline_choice(caplog, monkeypatch):
-    import cimfast.dataloading
+    import cimfast.engine.data
 
-    monkeypatch.setattr(cimfast.dataloading, "_LOGGED", set())
+    monkeypatch.setattr(cimfast.engine.data, "_LOGGED", set())
     assert pipeline_candidates("auto", torch.device("cuda", 0)) == ["dali-gpu", "torch"]
     assert pipeline_candidates("auto", torch.device("cpu")) == ["torch"]
     assert pipeline_candidates("torch", torch.device("cpu")) == ["torch"]
@@ -318,7 +318,7 @@ def test_demo_data_through_dali_matches_torch():
 
 
 def _tiny_tokenizer_missing():
-    from cimfast.cim import TINY_TOKENIZER
+    from cimfast.objective.cim import TINY_TOKENIZER
 
     return not os.path.isfile(TINY_TOKENIZER)
 

@@ -17,8 +17,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from cimfast.kernels import dispatch  # noqa: E402
-from cimfast.kernels.pixel_loss import (EPS, window_norm_loss, window_norm_loss_reference,  # noqa: E402
-                                        window_norm_loss_triton, window_normalize)
+from cimfast.kernels.pixel_loss import (
+    EPS,
+    window_norm_loss,
+    window_norm_loss_reference,
+    window_norm_loss_triton,
+    window_normalize,
+)
 from cimfast.models.vit import patchify  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,7 +17,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CIMFAST_K
 SCRIPT = r"""
 import json, sys
 import torch
-from cimfast import runtime
+from cimfast.engine import distributed, loop
 
 META = torch.device("meta")
 
@@ -49,11 +49,11 @@ class Engine:  # stands in for DeepSpeed's engine: no .to(device) of its own, so
 
 
 def init_distributed():
-    runtime.fill_rendezvous_env()
+    distributed.fill_rendezvous_env()
     return 0, 1, META
 
 
-runtime.make_engine = lambda model, ds_cfg, run, groups=None: Engine(model)
+loop.make_engine = lambda model, ds_cfg, run, groups=None: Engine(model)
 entry = sys.argv[1]
 if entry == "train":
     from cimfast import train as mod

@@ -22,8 +22,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from cimfast.kernels import dispatch  # noqa: E402
-from cimfast.kernels.sampling import (hash32, row_keys, row_keys_at, sample_ce, sample_ce_reference,  # noqa: E402
-                                      sample_ce_triton, sample_replace, sample_replace_reference)
+from cimfast.kernels.sampling import (
+    hash32,
+    row_keys,
+    row_keys_at,
+    sample_ce,
+    sample_ce_reference,
+    sample_ce_triton,
+    sample_replace,
+    sample_replace_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(

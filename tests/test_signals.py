@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from cimfast import checkpoint
+from cimfast.engine import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from cimfast import tokenizer as T
-from cimfast import tokenizer_files as TF
+from cimfast.tokenizer import files as TF
+from cimfast.tokenizer import model as T
 from tests.dalle_format import to_official, write_official
 
 SPEC = T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=1, vocab_size=64)
@@ -144,7 +144,7 @@ def test_fast_path_keeps_input_and_output_convolutions_fp32_and_agrees_on_the_sh
     97 % of tokens of held-out photos (97.9 % measured; the previous tokenizer,
     using 69 codes, 99.1 %, and 96.8 % all-bf16), every disagreement a near-tie
     of the two largest logits."""
-    from cimfast.cim import TINY_TOKENIZER
+    from cimfast.objective.cim import TINY_TOKENIZER
     from cimfast.pipelines.datasets import DemoDataset
     from cimfast.pipelines.views import as_unit
 

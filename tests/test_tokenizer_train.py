@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from cimfast import checkpoint
-from cimfast.dvae import codebook_stats, dvae_loss, kl_to_uniform, logit_laplace_nll
-from cimfast.metrics import read_metrics
-from cimfast.tokenizer import TokenizerSpec
-from cimfast.tokenizer_files import load_tokenizer
+from cimfast.engine import checkpoint
+from cimfast.engine.metrics import read_metrics
+from cimfast.tokenizer.dvae import codebook_stats, dvae_loss, kl_to_uniform, logit_laplace_nll
+from cimfast.tokenizer.files import load_tokenizer
+from cimfast.tokenizer.model import TokenizerSpec
 from cimfast.tokenizer_train import DVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +146,7 @@ def test_the_usage_term_keeps_the_codebook_from_collapsing():
     codebook-usage term keeps over a quarter of the codes in use."""
     from cimfast.pipelines.datasets import DemoDataset
     from cimfast.pipelines.views import as_unit
-    from cimfast.dvae import beta_at, tau_at
+    from cimfast.tokenizer.dvae import beta_at, tau_at
 
     spec = TokenizerSpec(n_hid=16, n_init=16, n_blk_per_group=1, vocab_size=128)
     ds = DemoDataset(32, None, samples=10**6, seed=0)
@@ -172,9 +172,9 @@ def test_the_shipped_tokenizer_report_is_what_the_asset_does():
     """The report beside the shipped tiny tokenizer holds its held-out numbers, measured again here."""
     import json
 
-    from cimfast.cim import TINY_TOKENIZER
-    from cimfast.config import RunConfig
-    from cimfast.tokenizer_files import load_tokenizer
+    from cimfast.config.settings import RunConfig
+    from cimfast.objective.cim import TINY_TOKENIZER
+    from cimfast.tokenizer.files import load_tokenizer
     from cimfast.tokenizer_train import TokenizerConfig, evaluate, heldout_images
 
     with open(TINY_TOKENIZER.replace(".safetensors", "_report.json")) as f:

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from cimfast import checkpoint
-from cimfast.metrics import read_metrics
+from cimfast.engine import checkpoint
+from cimfast.engine.metrics import read_metrics
 from tests.labelled import make_labelled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +202,7 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(runs, tmp_path):
 
 KILL_DURING_SAVE = r"""
 import os, signal, sys
-from cimfast import checkpoint
+from cimfast.engine import checkpoint
 class Engine:  # writes half a checkpoint, then the process is killed
     def save_checkpoint(self, root, tag, save_latest):
         os.makedirs(os.path.join(root, tag), exist_ok=True)
@@ -220,7 +220,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous(runs, tmp_path):
     r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, out], env=ENV)
     assert r.returncode == -signal.SIGKILL
     assert checkpoint.latest_checkpoint(out) == before
-    from cimfast.export import full_state_dict
+    from cimfast.engine.checkpoint import full_state_dict
 
     sd = full_state_dict(before)  # the previous checkpoint still loads
     assert any(k.startswith("enhancer.") for k in sd) and all(torch.isfinite(v).all() for v in sd.values())
@@ -395,9 +395,9 @@ def test_pictures_run_eagerly_beside_the_compiled_step(tmp_path):
     compiled step recompiled it (8 images, return_visuals) and crashed inductor on an H200.
     Here the compile backend refuses every graph: the picture must not reach it."""
     from cimfast import train
-    from cimfast.cim import build_tokenizer
-    from cimfast.cli import parse
-    from cimfast.dataloading import build_dataset, fixed_batch
+    from cimfast.config.cli import parse
+    from cimfast.engine.data import build_dataset, fixed_batch
+    from cimfast.objective.cim import build_tokenizer
 
     cfg, run, ds_cfg, ds_path = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_demo.json"),
                                        "--output_dir", str(tmp_path), "--knn_train_path", "", "--knn_val_path", ""])

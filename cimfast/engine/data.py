@@ -23,8 +23,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from cimfast.config import PIPELINES, Config, InputError, RunConfig
-from cimfast.masking import BlockMaskGenerator
+from cimfast.config.settings import PIPELINES, Config, InputError, RunConfig
+from cimfast.objective.masking import BlockMaskGenerator
 from cimfast.pipelines.dali import dali_batches
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images, read_file_list
 from cimfast.pipelines.sampler import build_loader

@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from cimfast.config import InputError
+from cimfast.config.settings import InputError
 
 STATE_FILE = "cimfast_state.json"
 
@@ -172,3 +172,18 @@ def load(engine, path: str) -> dict:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
     return read_state(path)
+
+
+def full_state_dict(ckpt: str) -> dict:
+    """The fp32 state dict of the whole CIM module from a DeepSpeed checkpoint folder."""
+    files = sorted(glob.glob(os.path.join(ckpt, "*mp_rank_00_model_states.pt")))
+    if not files:
+        raise FileNotFoundError(f"{ckpt} holds no DeepSpeed model states (*mp_rank_00_model_states.pt)")
+    verify_files(ckpt)  # before zero_to_fp32's unrestricted load
+    with torch.serialization.safe_globals(_deepspeed_state_types()):
+        states = torch.load(files[0], map_location="cpu", weights_only=True)
+    if states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt), tag=os.path.basename(ckpt))
+    return {k: v.float() for k, v in states["module"].items()}

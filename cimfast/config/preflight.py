@@ -11,8 +11,8 @@ import socket
 import sys
 from typing import Callable
 
-from cimfast import checkpoint
-from cimfast.config import ConfigError, InputError, RunConfig
+from cimfast.config.settings import ConfigError, InputError, RunConfig
+from cimfast.engine import checkpoint
 from cimfast.pipelines.datasets import IMAGE_EXTENSIONS
 
 log = logging.getLogger("cimfast")

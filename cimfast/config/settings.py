@@ -4,13 +4,12 @@ order of precedence, lowest first). Unknown keys and wrong types are errors
 that name the key."""
 from __future__ import annotations
 
-
 import functools
 import typing
 from dataclasses import dataclass, field, fields
 
+from cimfast.config.presets import PRESETS
 from cimfast.kernels.pixel_loss import EPS as WINDOW_EPS
-from cimfast.presets import PRESETS
 
 OBJECTIVES = ("respix", "revdet")
 PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")

@@ -4,7 +4,7 @@ The official DALL-E ``encoder.pkl`` / ``decoder.pkl`` are pickles of whole
 Python modules: ``load_official_pickle`` reads them with a restricted
 unpickler that rebuilds tensors and the known classes only (anything else is
 refused before it can run), and the weights are copied into freshly built
-modules of ``cimfast.tokenizer`` and cached as safetensors.
+modules of ``cimfast.tokenizer.model`` and cached as safetensors.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from cimfast.config import InputError
-from cimfast.tokenizer import Tokenizer, spec_from_state_dicts
+from cimfast.config.settings import InputError
+from cimfast.tokenizer.model import Tokenizer, spec_from_state_dicts
 
 OFFICIAL_HINT = (
     "Download the official DALL-E tokenizer files encoder.pkl and decoder.pkl "

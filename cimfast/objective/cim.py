@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cimfast.config import Config
+from cimfast.config.settings import Config
 from cimfast.kernels import sample_ce, window_norm_loss, window_normalize
-from cimfast.metrics import balanced_accuracy, code_counts, trivial_accuracy
 from cimfast.models.resnet import ResNetEnhancer
 from cimfast.models.vit import BEiTGenerator, ViTEnhancer, unpatchify
+from cimfast.objective.diagnostics import balanced_accuracy, code_counts, trivial_accuracy
 from cimfast.pipelines.views import as_unit
-from cimfast.tokenizer import Tokenizer
-from cimfast.tokenizer_files import TokenizerFileError, load_tokenizer
+from cimfast.tokenizer.files import TokenizerFileError, load_tokenizer
+from cimfast.tokenizer.model import Tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,7 +92,7 @@ class CIMModel(nn.Module):
         """images [B,3,S,S] and images_tok [B,3,S/2,S/2], uint8 or floats in
         [0, 1] (the same crop at two sizes); mask [B, N] bool, True at the
         patches the generator must fill, made per sample by the data
-        pipeline (``cimfast.masking.BlockMaskGenerator``, drawn from the
+        pipeline (``cimfast.objective.masking.BlockMaskGenerator``, drawn from the
         sample's own random stream); ``sample_keys`` [B] int64 (one per
         sample, from the loader) make the token draws; None: the batch
         position.
@@ -145,7 +145,7 @@ class CIMModel(nn.Module):
                 "gen_acc": gen.correct.float().mean(),
                 "replaced_frac": replaced.sum() / mask.sum().clamp_min(1),
             }
-            # what CIM learned, beside what a trivial predictor reaches (cimfast.metrics)
+            # what CIM learned, beside what a trivial predictor reaches (cimfast.objective.diagnostics)
             result["code_counts"] = code_counts(ids.reshape(-1)[pos], tok.vocab_size)
             if cfg.objective == "respix":  # predicting zero everywhere (the window mean)
                 result["enh_loss_trivial"] = window_norm_loss(torch.zeros_like(out), images, cfg.window,
@@ -180,7 +180,9 @@ class CIMModel(nn.Module):
         return vis
 
 
-TINY_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_tokenizer.safetensors")
+# the package data of cimfast/assets, one folder above this module
+TINY_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                              "tiny_tokenizer.safetensors")
 
 
 def build_tokenizer(cfg: Config) -> Tokenizer:

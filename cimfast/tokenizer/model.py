@@ -2,7 +2,7 @@
 
 Module and parameter names follow the official ``dall_e`` package exactly
 (``blocks.group_1.block_1.res_path.conv_1.w`` ...), so the official
-``encoder.pkl`` / ``decoder.pkl`` load unchanged (``cimfast.tokenizer_files``).
+``encoder.pkl`` / ``decoder.pkl`` load unchanged (``cimfast.tokenizer.files``).
 """
 from __future__ import annotations
 

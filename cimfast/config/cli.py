@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 import typing
 from dataclasses import fields
 
-from cimfast.config import Config, ConfigError, RunConfig, from_dict
+from cimfast.config.settings import Config, ConfigError, RunConfig, from_dict
 
 SECTION = "cimfast"
 log = logging.getLogger("cimfast")
@@ -82,11 +83,12 @@ def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.js
 
 
 def default_ds_config(name: str) -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(here, "..", "configs", name), os.path.join(here, "configs", name)):
-        if os.path.isfile(cand):
-            return os.path.normpath(cand)
-    raise ConfigError(f"ds_config: no --ds_config given and configs/{name} was not found")
+    """A config that ships with cimfast: package data of ``cimfast.configs`` (the
+    checkout's ``configs/`` folder, mapped there by the install)."""
+    path = str(importlib.resources.files("cimfast.configs").joinpath(name))
+    if not os.path.isfile(path):
+        raise ConfigError(f"ds_config: no --ds_config given and the shipped config {name} is missing from {path}")
+    return path
 
 
 def read_ds_config(path: str) -> dict:

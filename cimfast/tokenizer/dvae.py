@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cimfast.kernels.sampling import hash32, uniform_from_bits
-from cimfast.tokenizer import Tokenizer, map_pixels, unmap_pixels
-
+from cimfast.tokenizer.model import Tokenizer, map_pixels, unmap_pixels
 
 KL_SCALE = 8 * 8 * 3  # sub-pixels per token cell
 

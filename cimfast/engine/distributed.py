@@ -1,0 +1,140 @@
+"""Where this process stands in the job: logging, the rendezvous, DeepSpeed's
+distributed start on NCCL or gloo, the CUDA-only defaults, the end."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+from cimfast.config.preflight import check_port
+from cimfast.config.settings import InputError, RunConfig
+
+log = logging.getLogger("cimfast")
+
+
+# DeepSpeed warnings that every correct run printed: WarmupCosineLR's constructor reads
+# its own learning rate before its first step
+DEEPSPEED_NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return record.getMessage() not in DEEPSPEED_NOISE
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s cimfast %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    ds_logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates, same object before or after
+    if _not_noise not in ds_logger.filters:
+        ds_logger.addFilter(_not_noise)
+
+
+def fill_rendezvous_env() -> None:
+    """Single-process defaults when no launcher set the rendezvous variables."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def fill_auto(ds: dict, run: RunConfig) -> dict:
+    """``"auto"`` in the scheduler's step counts (derived from --max_steps), and
+    two DeepSpeed defaults that read the device at every step, turned off
+    unless the config sets them: the throughput timer (it synchronizes the
+    device at every forward and step) and bf16's gradient-overflow check (a
+    host read of the gradient norm; cimfast's own guard skips non-finite
+    steps, see ``cimfast.engine.guards``)."""
+    params = ds.get("scheduler", {}).get("params", {})
+    if params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = run.max_steps
+    if params.get("warmup_num_steps") == "auto":
+        params["warmup_num_steps"] = max(1, run.max_steps // 10)
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
+    opt = ds.get("optimizer", {}).get("params", {})
+    if ds.get("bf16", {}).get("enabled") and opt.get("torch_adam") and opt.get("fused"):
+        ds["bf16"].setdefault("check_grad_overflow", False)  # the guard skips on the device instead
+    return ds
+
+
+def extensions_dir() -> str:
+    """Where DeepSpeed's just-in-time C++ ops are built: one folder per Python environment.
+    torch's default is one folder for all of them, and a build made from another
+    environment's sources is rebuilt: two checkouts rebuilt each other's CPU all-reduce
+    op at every run (20-30 s of silence at start). TORCH_EXTENSIONS_DIR overrides it."""
+    import hashlib
+
+    env = hashlib.sha1(f"{os.path.realpath(sys.prefix)} {torch.__version__}".encode()).hexdigest()[:12]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "cimfast", "torch_extensions", env)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    fill_rendezvous_env()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    check_port()
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    except Exception as e:  # the store's port taken between the check and now, or by another host
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise InputError(f"port {os.environ.get('MASTER_PORT')} (MASTER_PORT) is in use: pass a free one "
+                             "with --master_port to the launcher") from None
+        raise
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, with or without a GPU
+        unlink_shm_allreduce_name()
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_DIR = "/dev/shm"
+
+
+def unlink_shm_allreduce_name() -> None:
+    """DeepSpeed's CPU all-reduce (used when its launcher starts every rank on one
+    host) maps one 69 MB file per rank in /dev/shm, named by user, master address,
+    port and rank, and never unlinks it: each CPU run on a new port would leave
+    69 MB of memory per rank behind until reboot (a test machine filled 20 GB so).
+    Each rank maps every peer's file while deepspeed.init_distributed runs; past a
+    barrier no rank opens one again, so each rank unlinks its own name at once
+    and the mappings live on to the end of the run, however it ends then (a rank
+    that dies inside init_distributed, before the barrier, still leaves them)."""
+    rank = dist.get_rank()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:  # no shm all-reduce: another launcher (torchrun), or ranks on several hosts
+        pass
+
+
+def resolve_cuda_defaults(run: RunConfig, device: torch.device) -> RunConfig:
+    """Settings left unset (None) that are on with CUDA and off elsewhere:
+    compile, the tokenizer's bf16 fast path, pinned loader memory. The one
+    place that decides them, so a CPU test can force every CUDA default on."""
+    for key in ("compile", "tokenizer_bf16", "pin_memory"):
+        if getattr(run, key) is None:
+            setattr(run, key, device.type == "cuda")
+    return run
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Measuring a frozen enhancer: labelled data, k-NN, linear probe, loading."""

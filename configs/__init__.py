@@ -1,0 +1,1 @@
+"""The DeepSpeed configs cimfast ships (package data, read with importlib.resources)."""
