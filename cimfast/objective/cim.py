@@ -98,66 +98,84 @@ class CIMModel(nn.Module):
         position.
 
         Returns a dict of scalar tensors (``loss`` and metrics; no host sync)
-        and, with ``return_visuals``, the picture's tensors.
+        and, with ``return_visuals``, the picture's tensors. Each phase is a
+        method of its own, so ``benchmarks/profile_step.py`` times the very
+        code the step runs.
         """
         self.check_inputs(images, images_tok, mask)
-        cfg, tok = self.cfg, self.tokenizer
         images, images_tok, mask = as_unit(images), as_unit(images_tok), mask.bool()
-        B, grid = images.shape[0], cfg.grid
-
-        # 1-2. tokenize the small view (frozen)
-        with torch.no_grad():
-            ids = tok.tokenize(images_tok).reshape(B, grid * grid)
-
-        # 3-4. the generator predicts tokens at masked patches
-        # every image has exactly num_masked masked patches: static shapes, no sync
-        pos = torch.nonzero_static(mask.reshape(-1), size=B * cfg.num_masked).squeeze(1)
-        x = self.normalize(images.to(self.dtype))
-        logits = self.generator(x, mask, pos)  # [M, vocab]
-
-        # 5. one pass over the logits: cross-entropy, draws, replaced labels
-        #    (the fused kernel on CUDA; no gradient crosses the draws)
         if sample_keys is None:
-            sample_keys = torch.arange(B, device=ids.device)
-        gen = sample_ce(logits, ids, mask, sample_keys, cfg.temperature, positions=pos)
-        gen_loss = gen.loss_rows.mean()
-        corrupted_ids, replaced = gen.corrupted, gen.replaced
+            sample_keys = torch.arange(images.shape[0], device=images.device)
+        ids = self.tokenize(images_tok)  # 1-2. the small view's token ids (frozen)
+        pos = self.masked_positions(mask)
+        logits = self.generate(images, mask, pos)  # 3-4. token predictions at the masked patches
+        gen = self.sample(logits, ids, mask, sample_keys, pos)  # 5. cross-entropy, draws, replaced labels
+        corrupted = self.corrupt(gen.corrupted, images.shape[-2:])  # 6. decode: the corrupted image
+        out = self.enhance(corrupted)  # 7. restore pixels or detect replaced tokens
+        enh_loss, diagnostics = self.enhancer_loss(out, images, gen.replaced)
+        result = self.combine(gen, enh_loss, diagnostics, ids, pos, mask)  # 8. one loss for both networks
+        if return_visuals:
+            result["visuals"] = self._visuals(images, corrupted, gen.replaced, out)
+        return result
 
-        # 6. decode: the corrupted image
-        with torch.no_grad():
-            corrupted = tok.decode(corrupted_ids.reshape(B, grid, grid))
-            corrupted = F.interpolate(corrupted, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    @torch.no_grad()
+    def tokenize(self, images_tok: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S/2, S/2] in [0, 1] -> token ids [B, N]."""
+        return self.tokenizer.tokenize(images_tok).reshape(images_tok.shape[0], -1)
 
-        # 7. the enhancer restores pixels or detects replaced tokens
-        out = self.enhancer(self.normalize(corrupted.to(self.dtype)))  # [B, N, out]
+    def masked_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the masked patches; every image has exactly num_masked of
+        them, so the size is static and finding them needs no host sync."""
+        return torch.nonzero_static(mask.reshape(-1), size=mask.shape[0] * self.cfg.num_masked).squeeze(1)
+
+    def generate(self, images: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The generator's logits at the masked patches [M, vocab]."""
+        return self.generator(self.normalize(images.to(self.dtype)), mask, pos)
+
+    def sample(self, logits, ids, mask, sample_keys, pos):
+        """One pass over the logits: cross-entropy, draws, replaced labels (the fused
+        kernel on CUDA; no gradient crosses the draws)."""
+        return sample_ce(logits, ids, mask, sample_keys, self.cfg.temperature, positions=pos)
+
+    @torch.no_grad()
+    def corrupt(self, corrupted_ids: torch.Tensor, size) -> torch.Tensor:
+        """The frozen decoder's image of the corrupted token map, at the enhancer's size."""
+        grid = self.cfg.grid
+        corrupted = self.tokenizer.decode(corrupted_ids.reshape(-1, grid, grid))
+        return F.interpolate(corrupted, size=size, mode="bilinear", align_corners=False)
+
+    def enhance(self, corrupted: torch.Tensor) -> torch.Tensor:
+        """The enhancer's output [B, N, out] on the normalized corrupted image."""
+        return self.enhancer(self.normalize(corrupted.to(self.dtype)))
+
+    def enhancer_loss(self, out: torch.Tensor, images: torch.Tensor, replaced: torch.Tensor) -> tuple:
+        """(the enhancer's loss, its diagnostics beside a trivial predictor's)."""
+        cfg = self.cfg
         if cfg.objective == "respix":  # pred stays in patch layout: no unpatchify copy
             enh_loss = window_norm_loss(out, images, cfg.window, cfg.window_eps, patch=cfg.patch_size)
-        else:
-            enh_loss = F.binary_cross_entropy_with_logits(out.squeeze(-1).float(), replaced)
-
-        # 8. one loss for both networks
-        loss = gen_loss + cfg.enhancer_weight * enh_loss
+            with torch.no_grad():  # predicting zero everywhere (the window mean)
+                trivial = window_norm_loss(torch.zeros_like(out), images, cfg.window, cfg.window_eps,
+                                           patch=cfg.patch_size)
+            return enh_loss, {"enh_loss_trivial": trivial}
+        enh_loss = F.binary_cross_entropy_with_logits(out.squeeze(-1).float(), replaced)
         with torch.no_grad():
-            result = {
-                "loss": loss,
-                "gen_loss": gen_loss.detach(),
-                "enh_loss": enh_loss.detach(),
-                "gen_acc": gen.correct.float().mean(),
-                "replaced_frac": replaced.sum() / mask.sum().clamp_min(1),
-            }
-            # what CIM learned, beside what a trivial predictor reaches (cimfast.objective.diagnostics)
-            result["code_counts"] = code_counts(ids.reshape(-1)[pos], tok.vocab_size)
-            if cfg.objective == "respix":  # predicting zero everywhere (the window mean)
-                result["enh_loss_trivial"] = window_norm_loss(torch.zeros_like(out), images, cfg.window,
-                                                              cfg.window_eps, patch=cfg.patch_size)
-            else:
-                flagged = out.squeeze(-1) > 0
-                result["det_acc"] = (flagged == (replaced > 0.5)).float().mean()
-                result["det_bal_acc"] = balanced_accuracy(flagged, replaced > 0.5)
-                result["det_acc_trivial"] = trivial_accuracy(replaced)
+            flagged = out.squeeze(-1) > 0
+            return enh_loss, {"det_acc": (flagged == (replaced > 0.5)).float().mean(),
+                              "det_bal_acc": balanced_accuracy(flagged, replaced > 0.5),
+                              "det_acc_trivial": trivial_accuracy(replaced)}
+
+    def combine(self, gen, enh_loss, diagnostics: dict, ids, pos, mask) -> dict:
+        """loss = generator + weight x enhancer, and the step's metrics (no host sync)."""
+        gen_loss = gen.loss_rows.mean()
+        loss = gen_loss + self.cfg.enhancer_weight * enh_loss
+        with torch.no_grad():
+            result = {"loss": loss, "gen_loss": gen_loss.detach(), "enh_loss": enh_loss.detach(),
+                      "gen_acc": gen.correct.float().mean(),
+                      "replaced_frac": gen.replaced.sum() / mask.sum().clamp_min(1),
+                      # what CIM learned, beside what a trivial predictor reaches
+                      "code_counts": code_counts(ids.reshape(-1)[pos], self.tokenizer.vocab_size),
+                      **diagnostics}
         result["loss"] = loss
-        if return_visuals:
-            result["visuals"] = self._visuals(images, corrupted, replaced, out)
         return result
 
     @torch.no_grad()
