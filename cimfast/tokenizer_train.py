@@ -137,6 +137,8 @@ GROUPS = (("tokenizer", TokenizerConfig), ("run", RunConfig))
 # run settings of pre-training that tokenizer training does not read: refused where given, not ignored
 UNUSED = {"tokenizer_bf16": "it is pre-training's setting for its frozen tokenizer; the one trained here runs in "
                             "the engine's precision (\"bf16\" in the config)",
+          **{k: "it is pre-training's setting for its frozen tokenizer" for k in
+             ("tokenizer_io_bf16", "tokenizer_fp8_logits", "tokenizer_fuse")},
           "peak_tflops": "tokenizer training counts no FLOPs, so it reports no MFU"}
 
 

@@ -18,7 +18,7 @@ import torch
 
 from cimfast.config.cli import parse, run_settings
 from cimfast.config.preflight import check_run, guarded, nothing_left, run_and_exit
-from cimfast.config.settings import Config, RunConfig
+from cimfast.config.settings import Config, ConfigError, RunConfig
 from cimfast.engine.data import build_batches, build_dataset, fixed_batch
 from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
 from cimfast.engine.loop import Job, run_job, write_config
@@ -43,6 +43,7 @@ def pretrain(argv) -> int:
     cfg, run, ds_cfg, ds_path = parse(argv)
     fill_auto(ds_cfg, run)
     check_run(run, "cim")  # every input error before DeepSpeed starts and before anything is written
+    check_tokenizer_switches(run, cuda=torch.cuda.is_available())
     if nothing_left(run, "cim"):  # a finished run resumed: nothing set up, written or evaluated again
         return 0
     tokenizer = build_tokenizer(cfg)
@@ -70,8 +71,9 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     tokenizer.to(device)
     model.to(device)
-    if run.tokenizer_bf16:
-        tokenizer.fast(torch.bfloat16, compile=run.compile)
+    if run.tokenizer_bf16 or run.tokenizer_fp8_logits:
+        tokenizer.fast(torch.bfloat16 if run.tokenizer_bf16 else None, compile=run.compile,
+                       io_dtype=run.tokenizer_io_bf16, fp8_logits=run.tokenizer_fp8_logits, fuse=run.tokenizer_fuse)
     probe(device, torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else
           torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32)
     use_triton(torch.empty(0, device=device))  # logs the kernels' choice for this device, eagerly
@@ -117,6 +119,18 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
                evaluate=evaluate if monitor else None, eval_interval=cfg.knn_interval,
                summary=f"preset {cfg.preset}, objective {cfg.objective}, {flops['total'] / 1e9:.2f} GFLOP per "
                        f"image per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
+
+
+def check_tokenizer_switches(run: RunConfig, cuda: bool) -> None:
+    """The tokenizer's speed switches need what they modify: an error, not a switch silently off.
+    Unset CUDA defaults count as what they become (``resolve_cuda_defaults``)."""
+    bf16 = run.tokenizer_bf16 if run.tokenizer_bf16 is not None else cuda
+    compiled = run.compile if run.compile is not None else cuda
+    if run.tokenizer_io_bf16 and not bf16:
+        raise ConfigError("tokenizer_io_bf16: needs --tokenizer_bf16 (the input and output convolutions join the "
+                          "bf16 fast path)")
+    if run.tokenizer_fuse and not (compiled and (bf16 or run.tokenizer_fp8_logits)):
+        raise ConfigError("tokenizer_fuse: needs --compile and the tokenizer's fast path (--tokenizer_bf16)")
 
 
 def cli() -> None:

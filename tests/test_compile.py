@@ -52,3 +52,31 @@ def test_compiled_step_equals_eager(objective):
     b["loss"].backward()
     for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("objective", ["respix", "revdet"])
+def test_compiled_step_keeps_the_triton_ops_inside_one_graph(objective, monkeypatch):
+    """The whole step compiles to one graph (fullgraph: a break is an error) that calls
+    the fused ops as custom ops, forward and backward: no break around them, and not
+    left out for their references."""
+    monkeypatch.setenv("CIMFAST_KERNELS", "triton")  # the kernels, in Triton's interpreter on a CPU
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = Config(preset="tiny", objective=objective).resolve()
+    model = CIMModel(cfg, Tokenizer(TINY_SPEC))
+    batch = _batch(cfg)
+    eager = model(*batch)
+    out = torch.compile(model, backend=backend, fullgraph=True)(*batch)
+    assert len(graphs) == 1
+    ops = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    expected = {"cimfast.sample_ce"} | ({"cimfast.window_norm_loss"} if objective == "respix" else set())
+    assert expected <= ops, sorted(o for o in ops if "cimfast" in o)
+    assert torch.allclose(out["loss"], eager["loss"], atol=1e-5)
+    out["loss"].backward()  # through the custom ops' registered backward
+    assert model.generator.head.weight.grad is not None
+    assert any(p.grad is not None for p in model.enhancer.parameters())

@@ -90,3 +90,24 @@ def test_finetune_refuses_pretraining_settings_it_would_ignore(tmp_path, capsys)
     text = build_parser(GROUPS, "cimfast.finetune", "", unused=UNUSED).format_help()
     assert "--train_path" in text and "--max_steps" in text
     assert not any(f"--{k} " in text or f"--{k}\n" in text for k in UNUSED)
+
+
+def test_tokenizer_speed_switches_refuse_what_they_cannot_modify():
+    """A switch whose host setting is off is an error naming both, not a switch quietly doing nothing."""
+    from cimfast.config.settings import ConfigError
+    from cimfast.finetune import GROUPS, UNUSED
+    from cimfast.train import check_tokenizer_switches
+
+    _, run, _, _ = parse(["--tokenizer_io_bf16", "--no-tokenizer_bf16"])
+    with pytest.raises(ConfigError, match="tokenizer_io_bf16: needs --tokenizer_bf16"):
+        check_tokenizer_switches(run, cuda=True)
+    _, run, _, _ = parse(["--tokenizer_fuse"])  # compile and the fast path default off on a CPU
+    with pytest.raises(ConfigError, match="tokenizer_fuse: needs --compile"):
+        check_tokenizer_switches(run, cuda=False)
+    check_tokenizer_switches(run, cuda=True)  # on a GPU both default on
+    _, run, _, _ = parse(["--tokenizer_fp8_logits", "--cudnn_benchmark"])
+    check_tokenizer_switches(run, cuda=False)
+    assert run.tokenizer_fp8_logits and run.cudnn_benchmark and not run.tokenizer_io_bf16
+    ft = os.path.join(ROOT, "configs", "ds_finetune_vit_base.json")
+    with pytest.raises(ConfigError, match="--tokenizer_fp8_logits: not a setting"):
+        parse(["--ds_config", ft, "--tokenizer_fp8_logits"], GROUPS, unused=UNUSED)

@@ -44,7 +44,8 @@ def _launch(tmp, name, bf16, flags, kernels):
 def test_cuda_defaults_forced_on_train_like_the_plain_path(tmp_path):
     plain, _ = _launch(str(tmp_path), "plain", False, ["--no-compile", "--no-tokenizer_bf16", "--no-pin_memory"],
                        "reference")
-    fast, log = _launch(str(tmp_path), "fast", True, ["--compile", "--tokenizer_bf16", "--pin_memory"], "triton")
+    fast, log = _launch(str(tmp_path), "fast", True, ["--compile", "--tokenizer_bf16", "--pin_memory", "--tokenizer_fuse",
+                                                      "--cudnn_benchmark"], "triton")
     assert "cimfast kernels: triton" in log and "pinned memory" in log and "2 worker(s)" in log
     assert "skipped on the device" in log  # fused AdamW's found_inf, no host check
     a, b = read_metrics(plain), read_metrics(fast)

@@ -80,7 +80,9 @@ def _run(entry, args, tmp_path):
 
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
 def test_pretraining_setup_places_everything_on_the_training_device(tmp_path, objective):
-    devices = _run("train", ["--objective", objective, "--tokenizer_bf16"], tmp_path)
+    # the tokenizer's speed switches too: their lines run on the training device (FP8 logits, bf16 io)
+    devices = _run("train", ["--objective", objective, "--tokenizer_bf16", "--tokenizer_io_bf16",
+                             "--tokenizer_fp8_logits", "--cudnn_benchmark"], tmp_path)
     assert devices and set(devices.values()) == {"meta"}, devices
 
 

@@ -189,6 +189,17 @@ class RunConfig:
         "help": "torch.compile the trained networks and the tokenizer (default: on with CUDA, off on a CPU)"})
     tokenizer_bf16: typing.Optional[bool] = field(default=None, metadata={
         "help": "run the frozen tokenizer's residual groups in bf16, channels-last (default: on with CUDA)"})
+    tokenizer_io_bf16: bool = field(default=False, metadata={
+        "help": "with --tokenizer_bf16, its input and output convolutions in bf16 too (off: fp32, as DALL-E's own "
+                "code; on changes tokens at near-ties; on by default only once a GPU measurement says it pays)"})
+    tokenizer_fp8_logits: bool = field(default=False, metadata={
+        "help": "the tokenizer encoder's output convolution (8192 logits a cell, argmax only) as one FP8 matmul "
+                "(torch._scaled_mm, row-wise scales; needs an FP8 GPU: sm_89 or newer); changes tokens at near-ties"})
+    tokenizer_fuse: bool = field(default=False, metadata={
+        "help": "with --compile: inductor lowers the tokenizer's 1x1 convolutions to matmuls and autotunes them "
+                "with bias and ReLU fused in (longer start-up)"})
+    cudnn_benchmark: bool = field(default=False, metadata={
+        "help": "cuDNN autotunes each convolution's algorithm once (fixed shapes; a slower first step)"})
     pin_memory: typing.Optional[bool] = field(default=None, metadata={
         "help": "pinned host memory in the DataLoader for asynchronous copies (default: on with CUDA)"})
     progress: bool = field(default=True, metadata={

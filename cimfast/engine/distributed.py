@@ -131,6 +131,7 @@ def resolve_cuda_defaults(run: RunConfig, device: torch.device) -> RunConfig:
     for key in ("compile", "tokenizer_bf16", "pin_memory"):
         if getattr(run, key) is None:
             setattr(run, key, device.type == "cuda")
+    torch.backends.cudnn.benchmark = run.cudnn_benchmark
     return run
 
 

@@ -3,6 +3,19 @@
 Module and parameter names follow the official ``dall_e`` package exactly
 (``blocks.group_1.block_1.res_path.conv_1.w`` ...), so the official
 ``encoder.pkl`` / ``decoder.pkl`` load unchanged (``cimfast.tokenizer.files``).
+
+The modules' own ``forward`` is the official form, kept as the reference.
+Tokenizing and decoding run exact rewrites of it, tested equal in fp32:
+- the residual gain folded into each block's last convolution (a power of
+  two for the shipped sizes, 1/64 and 1/16, so the scaling is exact);
+- in the decoder, the first block of each upsampled group runs its 1x1
+  convolutions (``id_path`` and ``conv_1``) and the ReLU before them on the
+  pixels before the nearest 2x upsample: every one of those is pointwise,
+  and nearest upsampling only copies pixels, so each output is the same
+  number computed once instead of four times (9.2 of the DALL-E decoder's
+  58.5 GFLOP per 112 px image);
+- the output convolution computes only the channels asked for (the image
+  needs 3 of its 6).
 """
 from __future__ import annotations
 
@@ -59,8 +72,30 @@ class _ResBlock(nn.Module):
             layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kw))]
         self.res_path = nn.Sequential(OrderedDict(layers))
 
-    def forward(self, x):
+    def forward(self, x):  # the official form
         return self.id_path(x) + self.post_gain * self.res_path(x)
+
+    def fast_forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
+        """``forward``, rewritten exactly: the gain folded into the last convolution;
+        with ``upsample``, ``forward(up(x))`` with the leading pointwise work (ReLU,
+        1x1 convolutions) done before the nearest 2x upsample."""
+        convs = [m for m in self.res_path if isinstance(m, Conv2d)]
+        skip = self.id_path(x)
+        h = x
+        for i, conv in enumerate(convs):
+            w, b = conv.w, conv.b
+            if i == len(convs) - 1:
+                w, b = w * self.post_gain, b * self.post_gain
+            h = F.conv2d(F.relu(h), w.to(h.dtype), b.to(h.dtype), padding=(conv.kw - 1) // 2)
+            if i == 0 and upsample:
+                if conv.kw != 1:
+                    raise ValueError("only a block that starts with a 1x1 convolution runs before an upsample")
+                h, skip = _upsample(h), _upsample(skip)
+        return skip + h
+
+
+def _upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class EncoderBlock(_ResBlock):
@@ -98,6 +133,7 @@ def _group(blocks, resample=None):
 class Encoder(nn.Module):
     def __init__(self, spec: TokenizerSpec = DALLE_SPEC):
         super().__init__()
+        self.fp8_logits = False  # the 8192-way output convolution as an FP8 matmul (Tokenizer.fast)
         h, nb = spec.n_hid, spec.n_blk_per_group
         n_layers = spec.group_count * nb
         widths = [h, 2 * h, 4 * h, 8 * h]
@@ -119,7 +155,62 @@ class Encoder(nn.Module):
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_logits:
+            x = run_fast(((n, m) for n, m in self.blocks.named_children() if n != "output"), x)
+            return fp8_conv1x1(F.relu(x), self.blocks.output.conv)
+        return run_fast(self.blocks.named_children(), x)
+
+    def forward_official(self, x: torch.Tensor) -> torch.Tensor:
+        """The official form, module by module (the reference of ``forward``)."""
         return run_in_own_dtypes(self.blocks.named_children(), x)
+
+
+def run_fast(children, x: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
+    """``run_in_own_dtypes`` over the same modules with the exact rewrites: each
+    block's ``fast_forward``; an upsample deferred into the next group's first
+    block; the output convolution's first ``out_channels`` channels only."""
+    pending_upsample = False
+    for name, module in children:
+        p = next(module.parameters(), None)
+        x = x if p is None else x.to(p.dtype)
+        if name.startswith("group_"):
+            for part_name, part in module.named_children():
+                if isinstance(part, nn.Upsample):
+                    pending_upsample = True
+                elif isinstance(part, _ResBlock):
+                    x = part.fast_forward(x, upsample=pending_upsample)
+                    pending_upsample = False
+                else:
+                    x = part(x)
+        elif name == "output":
+            conv = module.conv
+            c = out_channels or conv.n_out
+            x = F.conv2d(F.relu(x), conv.w[:c].to(x.dtype), conv.b[:c].to(x.dtype), padding=(conv.kw - 1) // 2)
+        else:
+            x = module(x)
+    if pending_upsample:
+        x = _upsample(x)
+    return x
+
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def fp8_conv1x1(x: torch.Tensor, conv: Conv2d) -> torch.Tensor:
+    """A 1x1 convolution as one FP8 (e4m3) matmul, scaled per pixel and per output
+    channel (``torch._scaled_mm``'s row-wise scales), bf16 out: for argmax-only
+    logits, where the rounding only matters at near-ties
+    (benchmarks/tokenizer_agreement.py measures how often)."""
+    B, C, H, W = x.shape
+    a = x.permute(0, 2, 3, 1).reshape(-1, C).float()
+    w = conv.w.view(conv.n_out, C).float()
+    scale_a = (a.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [pixels, 1]
+    scale_w = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [channels, 1]
+    a8 = (a / scale_a).to(torch.float8_e4m3fn)
+    w8 = (w / scale_w).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(a8, w8.t(), scale_a=scale_a, scale_b=scale_w.t(), out_dtype=torch.bfloat16)
+    y = y + conv.b.to(y.dtype)
+    return y.view(B, H, W, conv.n_out).permute(0, 3, 1, 2)
 
 
 def run_in_own_dtypes(children, x: torch.Tensor) -> torch.Tensor:
@@ -159,13 +250,14 @@ class Decoder(nn.Module):
         """The official form: a 1x1 convolution over the one-hot map (reference)."""
         return run_in_own_dtypes(self.blocks.named_children(), onehot)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, h, w] -> 6-channel logit-Laplace parameters.
+    def forward(self, ids: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
+        """Token ids [B, h, w] -> the logit-Laplace parameters (6 channels, or the
+        first ``out_channels``: 3 are the image).
 
         The input 1x1 convolution over a one-hot map of ``vocab`` channels is
         exactly a lookup of the weight's columns: computed as an embedding.
         """
-        return self.forward_embedded(F.embedding(ids, self.input_table()))
+        return self.forward_embedded(F.embedding(ids, self.input_table()), out_channels)
 
     def forward_soft(self, probs: torch.Tensor) -> torch.Tensor:
         """Relaxed codes [B, h, w, vocab] (dVAE training) -> 6-channel parameters."""
@@ -175,11 +267,16 @@ class Decoder(nn.Module):
         conv = self.blocks.input
         return conv.w.view(conv.n_out, conv.n_in).t()  # [vocab, n_init]
 
-    def forward_embedded(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, h, w, n_init] (the input layer's output before its bias)."""
+    def forward_embedded(self, x: torch.Tensor, out_channels: int | None = None,
+                         official: bool = False) -> torch.Tensor:
+        """x [B, h, w, n_init] (the input layer's output before its bias); ``official``:
+        the modules' own forward (the reference of the rewrites), all channels."""
         x = (x + self.blocks.input.b.to(x.dtype)).permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
-        return run_in_own_dtypes(((n, m) for n, m in self.blocks.named_children() if n != "input"), x)
+        children = ((n, m) for n, m in self.blocks.named_children() if n != "input")
+        if official:
+            return run_in_own_dtypes(children, x)
+        return run_fast(children, x, out_channels)
 
 
 def spec_from_state_dicts(enc: dict, dec: dict) -> TokenizerSpec:
@@ -206,20 +303,28 @@ class Tokenizer(nn.Module):
         self.eval()
         self._run = (self.encoder, self.decoder)  # a tuple: compiled wrappers are not submodules
 
-    def fast(self, dtype: torch.dtype | None = torch.bfloat16, compile: bool = False) -> "Tokenizer":
+    def fast(self, dtype: torch.dtype | None = torch.bfloat16, compile: bool = False, *, io_dtype: bool = False,
+             fp8_logits: bool = False, fuse: bool = False) -> "Tokenizer":
         """The inference fast path: the residual groups' weights in ``dtype``
         (the input and output convolutions stay fp32, as in OpenAI's DALL-E
-        code), channels-last activations, and (on CUDA) ``torch.compile``d
-        encoder and decoder. Token ids can differ from the fp32 ones where two
-        logits tie within bf16 precision (benchmarks/tokenizer_agreement.py)."""
+        code, unless ``io_dtype``), channels-last activations, and (on CUDA)
+        ``torch.compile``d encoder and decoder. ``fp8_logits``: the encoder's
+        output convolution as an FP8 matmul. ``fuse`` (with ``compile``):
+        inductor lowers 1x1 convolutions to matmuls and autotunes them with
+        bias and ReLU fused in. Token ids can differ from the fp32 ones where
+        two logits tie within the precision (benchmarks/tokenizer_agreement.py)."""
         if dtype is not None:
             self.to(dtype)
-            for part in (self.encoder, self.decoder):
-                part.blocks.input.float()
-                part.blocks.output.float()
+            if not io_dtype:
+                for part in (self.encoder, self.decoder):
+                    part.blocks.input.float()
+                    part.blocks.output.float()
+        self.encoder.fp8_logits = fp8_logits
         self.to(memory_format=torch.channels_last)
         if compile:
-            self._run = (torch.compile(self.encoder, dynamic=False), torch.compile(self.decoder, dynamic=False))
+            options = {"conv_1x1_as_mm": True, "max_autotune": True} if fuse else None
+            self._run = tuple(torch.compile(part, dynamic=False, options=options)
+                              for part in (self.encoder, self.decoder))
         return self
 
     @property
@@ -247,7 +352,14 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> image [B, 3, 8h, 8w] in [0, 1] (fp32)."""
-        return unmap_pixels(torch.sigmoid(self._run[1](ids)[:, :3].float()))
+        return unmap_pixels(torch.sigmoid(self._run[1](ids, 3).float()))
+
+    @torch.no_grad()
+    def tokenize_official(self, x: torch.Tensor) -> torch.Tensor:
+        """The official form's token ids (the reference of ``tokenize``)."""
+        self._check(x)
+        x = map_pixels(x).contiguous(memory_format=torch.channels_last)
+        return self.encoder.forward_official(x).argmax(dim=1)
 
     @torch.no_grad()
     def decode_onehot(self, ids: torch.Tensor) -> torch.Tensor:
