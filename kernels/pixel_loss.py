@@ -12,6 +12,10 @@ a ViT head in patch layout [B, N, patch*patch*C] (MAE's ``patchify`` order:
 patch n = (y//p)*(W//p) + x//p, index within it ((y%p)*p + x%p)*C + c), which
 the fused kernel reads in place: no unpatchify copy.
 
+``window_norm_losses`` returns the loss and, from the same pass, its trivial
+baseline: the loss of predicting zero everywhere (the window mean), which is
+the mean squared target.
+
 The fused kernel never materializes the target: each program loops over the
 window of its pixels for the mean and variance, forms the target and sums its
 squared errors into a per-program partial sum; the backward kernel recomputes
@@ -87,10 +91,11 @@ def _unpatchify(pred: torch.Tensor, patch: int, image_shape) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
-def window_norm_loss_reference(pred: torch.Tensor, image: torch.Tensor, window: int,
-                               eps: float = EPS, patch: int = 0) -> torch.Tensor:
+def window_norm_losses_reference(pred: torch.Tensor, image: torch.Tensor, window: int,
+                                 eps: float = EPS, patch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """pred: [B, C, H, W], or [B, N, patch*patch*C] with ``patch``; image: [B, C, H, W].
-    Returns the scalar loss (fp32; fp64 for fp64 inputs)."""
+    Returns (loss, trivial loss), scalars (fp32; fp64 for fp64 inputs); the
+    trivial one (predicting zero) carries no gradient."""
     if patch:
         pred = _unpatchify(pred, patch, image.shape)
     if pred.shape != image.shape:
@@ -98,7 +103,14 @@ def window_norm_loss_reference(pred: torch.Tensor, image: torch.Tensor, window: 
     with torch.no_grad():
         target, _, _ = window_normalize(image, window, eps)
     dtype = torch.promote_types(pred.dtype, torch.float32)
-    return ((pred.to(dtype) - target.to(dtype)) ** 2).mean()
+    target = target.to(dtype)
+    return ((pred.to(dtype) - target) ** 2).mean(), (target * target).mean()
+
+
+def window_norm_loss_reference(pred: torch.Tensor, image: torch.Tensor, window: int,
+                               eps: float = EPS, patch: int = 0) -> torch.Tensor:
+    """The loss alone (see ``window_norm_losses_reference``)."""
+    return window_norm_losses_reference(pred, image, window, eps, patch)[0]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -159,8 +171,11 @@ if HAS_TRITON:
         target = _window_target(img_ptr, offs, ok, H, W, eps, WINDOW)
         p = tl.load(pred_ptr + _pred_offsets(offs, C, H, W, PATCH), mask=ok, other=0.0).to(tl.float32)
         d = tl.where(ok, p - target, 0.0)
-        # One partial sum per program, summed on the host side: deterministic, no atomics.
-        tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
+        t = tl.where(ok, target, 0.0)
+        # Partial sums per program (the loss's and the trivial loss's), summed after
+        # the launch: deterministic, no atomics.
+        tl.store(partial_ptr + 2 * pid, tl.sum(d * d, axis=0))
+        tl.store(partial_ptr + 2 * pid + 1, tl.sum(t * t, axis=0))
 
     @triton.jit
     def _window_norm_loss_bwd_kernel(grad_out_ptr, pred_ptr, img_ptr, grad_ptr, numel, C, H, W, eps, two_over_numel,
@@ -210,28 +225,28 @@ def _check_shapes(pred, image, window, patch):
 @torch.library.custom_op("cimfast::window_norm_loss", mutates_args=())
 def _window_norm_loss_op(pred: torch.Tensor, image: torch.Tensor, window: int, eps: float, patch: int,
                          block: int = 0) -> torch.Tensor:
-    """Scalar fp32 loss; pred in image layout (patch=0) or MAE's patch layout."""
+    """[loss, trivial loss] in fp32; pred in image layout (patch=0) or MAE's patch layout."""
     pred, image = pred.contiguous(), image.contiguous()
     _, C, H, W = image.shape
     numel = image.numel()
     block, num_warps = _launch_config(block)
     programs = triton.cdiv(numel, block)
-    partial = torch.empty(programs, dtype=torch.float32, device=pred.device)
+    partial = torch.empty(programs, 2, dtype=torch.float32, device=pred.device)
     _window_norm_loss_fwd_kernel[(programs,)](
         pred, image, partial, numel, C, H, W, float(eps),
         WINDOW=window, PATCH=patch, BLOCK=block, num_warps=num_warps)
-    return partial.sum() / numel
+    return partial.sum(0) / numel
 
 
 @_window_norm_loss_op.register_fake
 def _(pred, image, window, eps, patch, block=0):
-    return pred.new_empty((), dtype=torch.float32)
+    return pred.new_empty((2,), dtype=torch.float32)
 
 
 @torch.library.custom_op("cimfast::window_norm_loss_backward", mutates_args=())
 def _window_norm_loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, image: torch.Tensor, window: int,
                                   eps: float, patch: int, block: int = 0) -> torch.Tensor:
-    """d loss / d pred times grad_out, in pred's layout and dtype."""
+    """d loss / d pred times grad_out[0] (the trivial loss has no gradient), in pred's layout and dtype."""
     pred, image = pred.contiguous(), image.contiguous()
     _, C, H, W = image.shape
     numel = image.numel()
@@ -263,20 +278,33 @@ def _window_norm_loss_backward(ctx, grad_out):
 _window_norm_loss_op.register_autograd(_window_norm_loss_backward, setup_context=_window_norm_loss_setup_context)
 
 
-def window_norm_loss_triton(pred: torch.Tensor, image: torch.Tensor, window: int, eps: float = EPS,
-                            patch: int = 0, *, block: int = 0) -> torch.Tensor:
+def window_norm_losses_triton(pred: torch.Tensor, image: torch.Tensor, window: int, eps: float = EPS,
+                              patch: int = 0, *, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernels (CUDA, or the CPU under TRITON_INTERPRET=1); fp32/bf16/fp16
-    inputs, fp32 math, fp32 loss. ``block`` overrides pixels per program (tests)."""
+    inputs, fp32 math, fp32 (loss, trivial loss). ``block`` overrides pixels per program (tests)."""
     if not HAS_TRITON:
         raise RuntimeError("window_norm_loss_triton needs triton")
     _check_shapes(pred, image, window, patch)
-    return torch.ops.cimfast.window_norm_loss(pred, image, int(window), float(eps), int(patch), int(block))
+    both = torch.ops.cimfast.window_norm_loss(pred, image, int(window), float(eps), int(patch), int(block))
+    return both[0], both[1].detach()
+
+
+def window_norm_loss_triton(pred: torch.Tensor, image: torch.Tensor, window: int, eps: float = EPS,
+                            patch: int = 0, *, block: int = 0) -> torch.Tensor:
+    """The loss alone (see ``window_norm_losses_triton``)."""
+    return window_norm_losses_triton(pred, image, window, eps, patch, block=block)[0]
+
+
+def window_norm_losses(pred, image, window: int, eps: float = EPS, patch: int = 0):
+    """Dispatch point for the ResPix loss (see ``cimfast.kernels.dispatch``): the
+    kernel or ``window_norm_losses_reference``; (loss, trivial loss) from one pass
+    over the window statistics. fp64 inputs (gradcheck) always take the
+    reference: the kernels compute in fp32."""
+    if pred.dtype != torch.float64 and image.dtype != torch.float64 and use_triton(pred, image):
+        return window_norm_losses_triton(pred, image, window, eps, patch)
+    return window_norm_losses_reference(pred, image, window, eps, patch)
 
 
 def window_norm_loss(pred, image, window: int, eps: float = EPS, patch: int = 0):
-    """Dispatch point for the ResPix loss (see ``cimfast.kernels.dispatch``): the
-    kernel or ``window_norm_loss_reference``. fp64 inputs (gradcheck) always take
-    the reference: the kernels compute in fp32."""
-    if pred.dtype != torch.float64 and image.dtype != torch.float64 and use_triton(pred, image):
-        return window_norm_loss_triton(pred, image, window, eps, patch)
-    return window_norm_loss_reference(pred, image, window, eps, patch)
+    """The ResPix loss alone (see ``window_norm_losses``)."""
+    return window_norm_losses(pred, image, window, eps, patch)[0]

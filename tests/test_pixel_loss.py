@@ -22,6 +22,9 @@ from cimfast.kernels.pixel_loss import (
     window_norm_loss,
     window_norm_loss_reference,
     window_norm_loss_triton,
+    window_norm_losses,
+    window_norm_losses_reference,
+    window_norm_losses_triton,
     window_normalize,
 )
 from cimfast.models.vit import patchify  # noqa: E402
@@ -66,6 +69,30 @@ def _loss_and_grad(fn, pred, image, window, patch, weight=1.7, **kw):
     loss = fn(x, image, window, patch=patch, **kw)
     (loss * weight).backward()  # a non-unit upstream gradient reaches the backward kernel
     return loss, x.grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,window,patch,block", CASES[::2])
+def test_trivial_loss_comes_from_the_same_pass(shape, window, patch, block):
+    """The second output is the loss of predicting zero (the window mean) everywhere:
+    the mean squared target, from the kernel's one pass, the reference's one target.
+    It carries no gradient; the loss's gradient is the one of the loss alone."""
+    pred, image = _inputs(shape, patch, torch.float32)
+    x = pred.clone().requires_grad_()
+    loss, trivial = window_norm_losses_triton(x, image, window, patch=patch, block=block)
+    ref_loss, ref_trivial = window_norm_losses_reference(pred, image, window, patch=patch)
+    target, _, _ = window_normalize(image, window)
+    torch.testing.assert_close(trivial, (target ** 2).mean(), **LOSS_TOL)
+    torch.testing.assert_close(trivial, ref_trivial, **LOSS_TOL)
+    torch.testing.assert_close(trivial, window_norm_loss_reference(torch.zeros_like(pred), image, window,
+                                                                   patch=patch), **LOSS_TOL)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    assert not trivial.requires_grad and not ref_trivial.requires_grad
+    (loss + trivial).backward()
+    _, grad = _loss_and_grad(window_norm_loss_triton, pred, image, window, patch, weight=1.0, block=block)
+    torch.testing.assert_close(x.grad, grad)
+    both = window_norm_losses(pred, image, window, patch=patch)  # the dispatch point gives both too
+    assert len(both) == 2 and all(t.shape == () for t in both)
 
 
 @needs_kernels
