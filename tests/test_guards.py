@@ -251,6 +251,15 @@ from cimfast.engine.guards import mask_nan_or_inf_on_device
 assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is mask_nan_or_inf_on_device
 guard = NonFiniteGuard(engine.optimizer, torch.device("cpu"), 1)
 assert guard.on_device
+# the one-kernel gradient norm against DeepSpeed's own loop, finite and not
+opt = engine.optimizer
+grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (7, 300, 5)]
+params = [torch.nn.Parameter(torch.zeros(1)) for _ in grads]
+new, old = opt.get_grad_norm_direct(grads, params), opt._cimfast_grad_norm_direct(grads, params)
+assert torch.allclose(new, old, rtol=1e-6, atol=0) and new.dtype == old.dtype, (new, old)
+assert torch.allclose(new, torch.cat(grads).double().norm().float(), rtol=1e-6)
+grads[1][3] = float("nan")
+assert float(opt.get_grad_norm_direct(grads, params)) == float(opt._cimfast_grad_norm_direct(grads, params)) == -1.0
 
 def step(x, inf_grad=False):
     h = engine.module[0](x.to(torch.bfloat16))
