@@ -5,20 +5,24 @@
 #
 #   bash benchmarks/gpu_check.sh OUT [STEP ...]
 #
-# STEPS (all by default, in this order), each with its timeout and what it took on an H200 on 2026-11-29:
-#   train 130     the real command: deepspeed cimfast/train.py, base preset, bf16 + compile, 20 steps
-#                 (30 steps took 90 s, 60 of them compiling, then the final picture crashed: fixed,
-#                 not yet rerun on a GPU)
+# STEPS (the default list first, in this order), each with its timeout:
+#   train 180     the real command: deepspeed cimfast/train.py, bf16 + compile, ZeRO-2, micro-batch 128:
+#                 base preset 20 steps (90 s), then large 10 steps (90 s). An H200 made 1,275-1,301 img/s
+#                 with base on 2026-11-29 (30 steps took 90 s, 60 of them compiling).
+#   profile 110   benchmarks/profile_step.py, base preset, synthetic batches: each phase compiled and timed
+#                 on its own beside the whole step, FLOPs, graph breaks, kernel time by category
+#   switches 100  benchmarks/bench_tokenizer_forms.py: the rewritten tokenizer beside the official form,
+#                 then each speed switch (cudnn_benchmark, tokenizer_fuse, tokenizer_io_bf16,
+#                 tokenizer_fp8_logits) beside the fast path, with token agreement against fp32
+#   kernels 45    kernel benchmarks, each beside its reference (19 s), then the sampler at 5 other launch shapes
+#   syncs 80      host syncs per step (torch.cuda.set_sync_debug_mode), with and without overlap_comm (28 + 23 s)
+# The default list: 515 s at most, plus ~45 s of installs and set-up: one call with timeout_s 580.
+# Not in the default list:
+#   setup         only the installs and the configs (a dry run of the set-up path, on any machine)
+#   batch 110     profile_step.py at micro-batch 256 (the micro-batch and accumulation choice for one H200)
 #   tests 60      GPU tests: compiled Triton kernels against references, attention backends, tokenizer (51 s)
-#   finetune 75   bf16 fine-tuning (fused AdamW, mixup, layer decay), then k-NN, on CUDA (fine-tuning 38 s;
-#                 k-NN cut off by the old 60 s limit)
-#   e2e 100       end to end, plain path against fast path, base preset (large: cut off at 75 s, no line)
-#   kernels 45    kernel benchmarks, each beside its reference (19 s), then the sampler at 5 other
-#                 launch shapes (new, not yet run: about 15 s more)
-#   syncs 90      host syncs per step (torch.cuda.set_sync_debug_mode), with and without overlap_comm (28 + 23 s)
-# All of them: 500 s at most (the limits; the times measured so far, e2e and k-NN not among them,
-# add up to about 250 s), plus ~45 s of installs and set-up: one call with timeout_s 580.
-# Not in the default list (DALI must be carried first, in parts):
+#   finetune 75   bf16 fine-tuning (fused AdamW, mixup, layer decay), then k-NN, on CUDA (fine-tuning 38 s)
+#   e2e 100       end to end, plain path against fast path, base preset
 #   dali 260      DALI on the GPU: bench_pipelines (torch, DALI CPU, DALI GPU on 500 JPEGs), the pipeline
 #                 tests, and the real command on those JPEGs with --pipeline dali-gpu (base preset, 20 steps).
 #                 Run it in the call that carries the last DALI part: "bash benchmarks/gpu_check.sh $OUT dali".
@@ -36,8 +40,8 @@
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTPUT_DIR [STEP ...]}
 shift
-KNOWN="train tests finetune e2e kernels syncs dali"
-STEPS=${*:-train tests finetune e2e kernels syncs}
+KNOWN="setup train profile switches kernels syncs batch tests finetune e2e dali"
+STEPS=${*:-train profile switches kernels syncs}
 for s in $STEPS; do
   [[ " $KNOWN " == *" $s "* ]] || { echo "gpu_check: unknown step '$s' (known: $KNOWN)" >&2; exit 2; }
 done
@@ -99,19 +103,53 @@ cfg["scheduler"]["params"]["warmup_num_steps"] = 10
 cfg["cimfast"].update(tokenizer_path="/tmp/dalle_random.safetensors", data_path=None, pipeline="auto",
                       max_steps=20, log_interval=10, checkpoint_interval=0, image_interval=0, progress=False)
 json.dump(cfg, open("/tmp/ds_gpu_check.json", "w"))
+large = json.load(open("configs/ds_vit_large.json"))
+large.update(train_batch_size=128, train_micro_batch_size_per_gpu=128)
+large.pop("gradient_accumulation_steps", None)
+large["scheduler"]["params"]["warmup_num_steps"] = 10
+large["cimfast"] = dict(cfg["cimfast"], preset="large", max_steps=10, log_interval=5)
+json.dump(large, open("/tmp/ds_gpu_check_large.json", "w"))
 PYEOF
 pack
 
 if want train; then
-  # the real command with the CUDA defaults (bf16, compile, ZeRO-2)
-  log "train: deepspeed cimfast/train.py, base preset"
-  timeout 130 "$DS" --num_gpus 1 --master_port 29611 cimfast/train.py --ds_config /tmp/ds_gpu_check.json \
-    --output_dir $W/train_base > $W/train_base.txt 2>&1
-  log "train exit $?: $(grep -o 'data pipeline: [^(]*' $W/train_base.txt | head -1)"
-  tail -1 $W/train_base/metrics.jsonl 2>/dev/null | $PY -c \
-    "import json,sys; r=json.loads(sys.stdin.read()); print({k: r.get(k) for k in ('step','loss','img_per_s','mfu','data_wait','peak_mem_gb')})" \
-    2>&1 | tee -a "$OUT/summary.txt"
-  grep -E "Error|error:|Traceback" $W/train_base.txt | head -5 | tee -a "$OUT/summary.txt"
+  # the real command with the CUDA defaults (bf16, compile, ZeRO-2): base, then large
+  for preset in base large; do
+    cfg=/tmp/ds_gpu_check.json && [ $preset = large ] && cfg=/tmp/ds_gpu_check_large.json
+    log "train: deepspeed cimfast/train.py, $preset preset"
+    timeout 90 "$DS" --num_gpus 1 --master_port 29611 cimfast/train.py --ds_config $cfg \
+      --output_dir $W/train_$preset > $W/train_$preset.txt 2>&1
+    log "train $preset exit $?: $(grep -o 'data pipeline: [^(]*' $W/train_$preset.txt | head -1)"
+    tail -1 $W/train_$preset/metrics.jsonl 2>/dev/null | $PY -c \
+      "import json,sys; r=json.loads(sys.stdin.read()); print({k: r.get(k) for k in ('step','loss','img_per_s','mfu','data_wait','peak_mem_gb')})" \
+      2>&1 | tee -a "$OUT/summary.txt"
+    grep -E "Error|error:|Traceback" $W/train_$preset.txt | head -5 | tee -a "$OUT/summary.txt"
+    pack
+  done
+fi
+
+for step in profile batch; do
+  want $step || continue
+  # each phase of the base step compiled and timed on its own, beside the whole step (compute only:
+  # synthetic batches); "batch" at micro-batch 256
+  mb=128 && [ $step = batch ] && mb=256
+  log "$step: profile_step.py, base preset, micro-batch $mb"
+  timeout 110 $PY benchmarks/profile_step.py --preset base --ds_config /tmp/ds_gpu_check.json --micro_batch $mb \
+    --pipeline synthetic --steps 5 --warmup 2 --out $W/profile_$mb.json > $W/profile_$mb.txt 2>&1
+  log "$step exit $?"
+  grep -E "^(tokenize|generator|sample_ce|decode|enhancer|loss|backward|optimizer|data|phase sum|whole step|compile)" \
+    $W/profile_$mb.txt | tee -a "$OUT/summary.txt"
+  pack
+done
+
+if want switches; then
+  log "switches: the rewritten tokenizer beside the official form, then each speed switch (batch 128)"
+  timeout 30 $PY benchmarks/bench_tokenizer_forms.py --batch 128 --bf16 --repeats 5 --out $W/forms.json \
+    > $W/forms.txt 2>&1
+  log "forms exit $?"; tail -3 $W/forms.txt | tee -a "$OUT/summary.txt"
+  timeout 70 $PY benchmarks/bench_tokenizer_forms.py --switches --compile --batch 128 --repeats 10 \
+    --out $W/switches.json > $W/switches.txt 2>&1
+  log "switches exit $?"; tail -6 $W/switches.txt | tee -a "$OUT/summary.txt"
   pack
 fi
 
@@ -166,7 +204,7 @@ if want syncs; then
   $PY -c "import json; c=json.load(open('/tmp/ds_gpu_check.json')); c['zero_optimization']['overlap_comm']=False; \
 json.dump(c, open('/tmp/ds_gpu_check_no_overlap.json', 'w'))"
   for v in "" _no_overlap; do
-    timeout 45 $PY benchmarks/sync_count.py --ds_config /tmp/ds_gpu_check$v.json --bf16 --steps 6 --cuda_sync_mode warn \
+    timeout 40 $PY benchmarks/sync_count.py --ds_config /tmp/ds_gpu_check$v.json --bf16 --steps 6 --cuda_sync_mode warn \
       --no-compile --out $W/syncs$v.json > $W/syncs$v.txt 2>&1
     log "sync count$v exit $?: $(tail -c 400 $W/syncs$v.json 2>/dev/null | tr -d '\n')"
   done
