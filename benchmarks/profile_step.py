@@ -241,10 +241,10 @@ def main(argv=None) -> int:
         cfg, run, ds_cfg, ds_path = parse(build_args(a, rest, tmp))
         fill_auto(ds_cfg, run)
         tokenizer = build_tokenizer(cfg)
-        rank, world, device = init_distributed()
-        job = train.setup(cfg, run, ds_cfg, ds_path, tokenizer, rank, world, device)
+        place = init_distributed()
+        job = train.setup(cfg, run, ds_cfg, ds_path, tokenizer, place)
         engine = make_engine(job.model, ds_cfg, run, job.param_groups)
-        report = measure(a, job, engine, run, world, device)
+        report = measure(a, job, engine, run, place.world, place.device)
         finish()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

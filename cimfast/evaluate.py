@@ -102,7 +102,8 @@ def evaluate(a: argparse.Namespace) -> int:
         raise InputError(f"--preset is for --model random: {a.model} carries its own architecture")
     train_path, val_path = resolve_paths(a.train_path, a.val_path, a.cache_dir)  # before the model loads
     enhancer, cfg = load_enhancer(a.model, a.preset or "tiny", a.seed)
-    rank, world, device = init_distributed()
+    place = init_distributed()
+    rank, world, device = place.rank, place.world, place.device
     splits = LabelledSplits(train_path, val_path, cfg["img_size"], rank, world, a.cache_dir, a.num_workers)
     enhancer.to(device)
     feats = splits.features(enhancer, device)

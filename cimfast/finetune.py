@@ -37,7 +37,8 @@ import torch.nn as nn
 from cimfast.config.cli import parse, run_settings
 from cimfast.config.preflight import check_run, guarded, run_and_exit
 from cimfast.config.settings import InputError, RunConfig, require
-from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
+from cimfast.engine.distributed import (Place, fill_auto, finish, init_distributed, resolve_cuda_defaults,
+                                        setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.evaluation.labelled import ViewSource, labelled_files, normalized, resolve_paths
 from cimfast.evaluation.loading import load_enhancer
@@ -247,18 +248,18 @@ def finetune(argv) -> int:
                                        defaults={"output_dir": "outputs/finetune"}, helps=HELPS)
     check_run(run, "finetune")
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
-    rank, world, device = init_distributed()
-    job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, rank, world, device,
-                sys.argv[1:] if argv is None else argv)
-    code = run_job(job, run, ds_cfg, rank, world, device)
+    place = init_distributed()
+    job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, place, sys.argv[1:] if argv is None else argv)
+    code = run_job(job, run, ds_cfg, place)
     finish()
     return code
 
 
 def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, train_path: str, val_path: str,
-          rank: int, world: int, device: torch.device, argv=None) -> Job:
+          place: Place, argv=None) -> Job:
     from timm.data import Mixup
 
+    rank, world, device = place.rank, place.world, place.device
     resolve_cuda_defaults(run, device)
     files, labels, classes = labelled_files(train_path, run.cache_dir)
     vfiles, vlabels, vclasses = labelled_files(val_path, run.cache_dir)

@@ -31,7 +31,8 @@ from cimfast.config.settings import RunConfig, require
 from cimfast.engine import checkpoint
 from cimfast.engine.checkpoint import full_state_dict
 from cimfast.engine.data import build_batches, build_image_dataset
-from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
+from cimfast.engine.distributed import (Place, fill_auto, finish, init_distributed, resolve_cuda_defaults,
+                                        setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
 from cimfast.pipelines.views import as_unit
@@ -156,19 +157,20 @@ def train_tokenizer(argv) -> int:
     check_run(run, "dvae")
     if nothing_left(run, "dvae"):  # a finished run resumed: nothing set up, written or evaluated again
         return 0
-    rank, world, device = init_distributed()
-    job, heldout = setup(tcfg, run, ds_cfg, rank, world, device)
-    code = run_job(job, run, ds_cfg, rank, world, device)
+    place = init_distributed()
+    job, heldout = setup(tcfg, run, ds_cfg, place)
+    code = run_job(job, run, ds_cfg, place)
     ended = code == 0 and checkpoint.read_state(checkpoint.latest_checkpoint(run.output_dir))["reason"] == "end"
-    if ended and rank == 0:  # not after a stop by signal: that run continues with --resume auto
+    if ended and place.rank == 0:  # not after a stop by signal: that run continues with --resume auto
         write_tokenizer(run, heldout)
     finish()
     return code
 
 
-def setup(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict, rank: int, world: int,
-          device: torch.device) -> tuple[Job, typing.Optional[torch.Tensor]]:
-    """The dVAE job (built in one order, placed on ``device`` in one place) and the held-out images."""
+def setup(tcfg: TokenizerConfig, run: RunConfig, ds_cfg: dict,
+          place: Place) -> tuple[Job, typing.Optional[torch.Tensor]]:
+    """The dVAE job (built in one order, placed on ``place.device`` in one place) and the held-out images."""
+    rank, world, device = place.rank, place.world, place.device
     resolve_cuda_defaults(run, device)
     spec = tcfg.spec()
     settings = {**asdict(tcfg), **run_settings(run, UNUSED), "spec": asdict(spec)}

@@ -20,7 +20,8 @@ from cimfast.config.cli import parse, run_settings
 from cimfast.config.preflight import check_run, guarded, nothing_left, run_and_exit
 from cimfast.config.settings import Config, ConfigError, RunConfig
 from cimfast.engine.data import build_batches, build_dataset, fixed_batch
-from cimfast.engine.distributed import fill_auto, finish, init_distributed, resolve_cuda_defaults, setup_logging
+from cimfast.engine.distributed import (Place, fill_auto, finish, init_distributed, resolve_cuda_defaults,
+                                        setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.engine.metrics import count_step_flops
 from cimfast.engine.pictures import save_grid
@@ -47,19 +48,18 @@ def pretrain(argv) -> int:
     if nothing_left(run, "cim"):  # a finished run resumed: nothing set up, written or evaluated again
         return 0
     tokenizer = build_tokenizer(cfg)
-    rank, world, device = init_distributed()
-    code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, rank, world, device), run, ds_cfg, rank, world,
-                   device)
+    place = init_distributed()
+    code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, place), run, ds_cfg, place)
     finish()
     return code
 
 
-def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: Tokenizer, rank: int, world: int,
-          device: torch.device) -> Job:
+def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: Tokenizer, place: Place) -> Job:
     """Everything the loop trains, built in one order and placed on ``device``
     in one place: data, then the model on the CPU beside the (CPU) tokenizer,
     FLOPs counted on the meta device, then both moved together, then the
     device-only set-up."""
+    rank, world, device = place.rank, place.world, place.device
     resolve_cuda_defaults(run, device)
     settings = {**asdict(cfg), **run_settings(run)}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})

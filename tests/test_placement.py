@@ -50,7 +50,7 @@ class Engine:  # stands in for DeepSpeed's engine: no .to(device) of its own, so
 
 def init_distributed():
     distributed.fill_rendezvous_env()
-    return 0, 1, META
+    return distributed.Place(0, 1, META)
 
 
 loop.make_engine = lambda model, ds_cfg, run, groups=None: Engine(model)

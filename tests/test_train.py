@@ -397,11 +397,12 @@ def test_pictures_run_eagerly_beside_the_compiled_step(tmp_path):
     from cimfast import train
     from cimfast.config.cli import parse
     from cimfast.engine.data import build_dataset, fixed_batch
+    from cimfast.engine.distributed import Place
     from cimfast.objective.cim import build_tokenizer
 
     cfg, run, ds_cfg, ds_path = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_demo.json"),
                                        "--output_dir", str(tmp_path), "--knn_train_path", "", "--knn_val_path", ""])
-    job = train.setup(cfg, run, ds_cfg, ds_path, build_tokenizer(cfg), 0, 1, torch.device("cpu"))
+    job = train.setup(cfg, run, ds_cfg, ds_path, build_tokenizer(cfg), Place(0, 1, torch.device("cpu")))
 
     def refuse(gm, example_inputs):
         raise RuntimeError("the compiled module was called")

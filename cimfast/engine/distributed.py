@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -76,7 +77,17 @@ def extensions_dir() -> str:
     return os.path.join(cache, "cimfast", "torch_extensions", env)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+@dataclass(frozen=True)
+class Place:
+    """This process's place in the job: its rank, the number of ranks, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def init_distributed() -> Place:
+    """The process group (NCCL on CUDA, gloo on the CPU) and this process's place in it."""
     fill_rendezvous_env()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +109,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, with or without a GPU
         unlink_shm_allreduce_name()
-    return dist.get_rank(), dist.get_world_size(), device
+    return Place(dist.get_rank(), dist.get_world_size(), device)
 
 
 SHM_DIR = "/dev/shm"

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from cimfast.config.preflight import clear_previous_run, nothing_left_message
 from cimfast.config.settings import InputError, RunConfig
 from cimfast.engine import checkpoint
+from cimfast.engine.distributed import Place
 from cimfast.engine.guards import NonFiniteGuard, StopRequest, remove_clip_sync
 from cimfast.engine.metrics import Meter, peak_flops
 from cimfast.engine.outputs import Outputs
@@ -145,32 +146,54 @@ def nonfinite_stop(in_a_row: int) -> int:
     return 3
 
 
-def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, device: torch.device) -> int:
-    resume_path = resolve_resume(run)
-    engine = make_engine(job.model, ds_cfg, run, job.param_groups)
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+def start_state(engine, run: RunConfig) -> dict:
+    """The loop's state: fresh, or the checkpoint's that ``run.resume`` names."""
     state = {"step": 0, "micro_steps_consumed": 0, "nonfinite_total": 0}
-    if resume_path:
-        state.update(checkpoint.load(engine, resume_path))
-        log.info("resumed from %s at step %d", resume_path, state["step"])
-        planned = state.get("config", {}).get("max_steps")
-        if planned is not None and planned != run.max_steps and state["step"] < run.max_steps:
-            log.warning("the run was planned for %d steps and now runs to %d: from step %d on, what is "
-                        "derived from the run's length is redrawn for %d steps (\"auto\" warmup and cosine "
-                        "of the learning rate, the tokenizer's temperature and KL ramps)",
-                        planned, run.max_steps, state["step"], run.max_steps)
+    resume_path = resolve_resume(run)
+    if not resume_path:
+        return state
+    state.update(checkpoint.load(engine, resume_path))
+    log.info("resumed from %s at step %d", resume_path, state["step"])
+    planned = state.get("config", {}).get("max_steps")
+    if planned is not None and planned != run.max_steps and state["step"] < run.max_steps:
+        log.warning("the run was planned for %d steps and now runs to %d: from step %d on, what is "
+                    "derived from the run's length is redrawn for %d steps (\"auto\" warmup and cosine "
+                    "of the learning rate, the tokenizer's temperature and KL ramps)",
+                    planned, run.max_steps, state["step"], run.max_steps)
+    return state
+
+
+def report(step: int, job: Job, engine, batches, guard: NonFiniteGuard, meter: Meter, outputs: Outputs,
+           device: torch.device, max_nonfinite: int) -> int:
+    """The log interval's one host read: metrics shown and written; non-zero (the exit
+    code) when the run must stop for non-finite losses."""
+    meter.waited(batches.take_wait())
+    metrics = meter.report(step, guard.counters())
+    metrics.update(log_extras(engine, device))
+    if job.on_log is not None:
+        metrics.update(job.on_log(step, metrics, engine))
+    _, in_a_row = guard.read(metrics)
+    outputs.show(step, metrics)
+    return nonfinite_stop(in_a_row) if in_a_row >= max_nonfinite else 0
+
+
+def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
+    """Train ``job`` from its start (or checkpoint) to ``run.max_steps``; the exit code."""
+    engine = make_engine(job.model, ds_cfg, run, job.param_groups)
+    state = start_state(engine, run)
     step = state["step"]
     if step >= run.max_steps:  # a finished run resumed (fine-tuning: its length comes from its epochs)
         log.info(nothing_left_message(job.name, step, run.max_steps))
         return 0
-    batches = DevicePrefetcher(job.batches(micro, state["micro_steps_consumed"]), device)
-    guard = NonFiniteGuard(engine.optimizer, device, world, state["nonfinite_total"], run.max_nonfinite)
-    peak = peak_flops(device, run.peak_tflops) if job.flops_per_image else None  # no FLOP count: no MFU
-    meter = Meter(world, micro * gas * world, job.flops_per_image, peak, step)
-    stopper = StopRequest(world)
-    outputs = Outputs(job, run, engine, rank, step)
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    batches = DevicePrefetcher(job.batches(micro, state["micro_steps_consumed"]), place.device)
+    guard = NonFiniteGuard(engine.optimizer, place.device, place.world, state["nonfinite_total"], run.max_nonfinite)
+    peak = peak_flops(place.device, run.peak_tflops) if job.flops_per_image else None  # no FLOP count: no MFU
+    meter = Meter(place.world, micro * gas * place.world, job.flops_per_image, peak, step)
+    stopper = StopRequest(place.world)
+    outputs = Outputs(job, run, engine, place.rank, step)
     log.info("%s: %d rank(s), micro-batch %d x %d accumulation = global batch %d; %s",
-             job.name, world, micro, gas, micro * gas * world, job.summary)
+             job.name, place.world, micro, gas, micro * gas * place.world, job.summary)
 
     code, stopped = 0, False
     try:
@@ -181,32 +204,15 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, rank: int, world: int, devic
                 code = nonfinite_stop(run.max_nonfinite)
                 break
             step += 1
-            if outputs.bar is not None:
-                outputs.bar.update(1)
-            if step % run.log_interval == 0 or step == run.max_steps:  # the one host read
-                meter.waited(batches.take_wait())
-                metrics = meter.report(step, guard.counters())
-                metrics.update(log_extras(engine, device))
-                if job.on_log is not None:
-                    metrics.update(job.on_log(step, metrics, engine))
-                _, in_a_row = guard.read(metrics)
-                outputs.show(step, metrics)
-                if in_a_row >= run.max_nonfinite:
-                    code = nonfinite_stop(in_a_row)
-                    break
-            meter.since += outputs.periodic(state, step)
+            outputs.advance()
+            if step % run.log_interval == 0 or step == run.max_steps:
+                code = report(step, job, engine, batches, guard, meter, outputs, place.device, run.max_nonfinite)
+            if code:
+                break
+            meter.since += outputs.periodic(state, step)  # evaluation time stays out of the throughput
             stopped = stopper.agreed()
-
         state["nonfinite_total"] = guard.total_now()
-        if code:
-            outputs.save(state, step, "non-finite losses")
-        elif stopped and step < run.max_steps:
-            outputs.save(state, step, "signal")
-            log.info("stopped by signal at step %d; continue with --resume auto", step)
-        else:
-            outputs.save(state, step, "end")
-            outputs.evaluate(step)
-            outputs.picture("picture_final.png")
+        outputs.finish(state, step, code, stopped)
     except BaseException:
         outputs.abandon()  # what was logged reaches the disk before the error propagates
         raise

@@ -114,6 +114,24 @@ class Outputs:
             self.picture(f"picture_step{step:08d}.png")
         return spent
 
+    def advance(self) -> None:
+        """One step done: the progress bar moves."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self, state: dict, step: int, code: int, stopped: bool) -> None:
+        """The last checkpoint, named for why the loop ended; at the end of the run
+        also the final evaluation and picture."""
+        if code:
+            self.save(state, step, "non-finite losses")
+        elif stopped and step < self.run.max_steps:
+            self.save(state, step, "signal")
+            log.info("stopped by signal at step %d; continue with --resume auto", step)
+        else:
+            self.save(state, step, "end")
+            self.evaluate(step)
+            self.picture("picture_final.png")
+
     def abandon(self) -> None:
         """The progress bar closed, metrics and TensorBoard flushed (all a run that raised gets)."""
         if self.bar is not None:
