@@ -60,13 +60,17 @@ def export(ckpt: str, out: str, layout: str = "timm") -> dict:
             "timm_kwargs": kwargs, "beit_flags": meta["beit_flags"], "step": state["step"]}
 
 
-def main(argv=None) -> int:
+def build_parser() -> Parser:
     p = Parser(prog="cimfast.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint folder or output directory")
     p.add_argument("out", help="output .safetensors file")
     p.add_argument("--layout", choices=("timm", "beit"), default="timm",
                    help="parameter names: timm's VisionTransformer (default) or BEiT's (q_bias/v_bias; ViT only)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         info = export(a.checkpoint, a.out, a.layout)
     except (InputError, FileNotFoundError, RuntimeError, KeyError) as e:

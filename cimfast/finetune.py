@@ -241,11 +241,16 @@ def main(argv=None) -> int:
     return guarded(lambda: finetune(argv), argv)
 
 
+def parse_command(argv) -> tuple:
+    """(fine-tuning settings, run settings, DeepSpeed config, its path) of a command line."""
+    return parse(argv, GROUPS, prog="cimfast.finetune",
+                 what="Fine-tune a pre-trained enhancer (full fine-tuning).",
+                 default_config="ds_finetune_vit_base.json", unused=UNUSED,
+                 defaults={"output_dir": "outputs/finetune"}, helps=HELPS)
+
+
 def finetune(argv) -> int:
-    fcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.finetune",
-                                       what="Fine-tune a pre-trained enhancer (full fine-tuning).",
-                                       default_config="ds_finetune_vit_base.json", unused=UNUSED,
-                                       defaults={"output_dir": "outputs/finetune"}, helps=HELPS)
+    fcfg, run, ds_cfg, ds_path = parse_command(argv)
     check_run(run, "finetune")
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
     place = init_distributed()

@@ -148,11 +148,16 @@ def main(argv=None) -> int:
     return guarded(lambda: train_tokenizer(argv), argv)
 
 
+def parse_command(argv) -> tuple:
+    """(tokenizer settings, run settings, DeepSpeed config, its path) of a command line."""
+    return parse(argv, GROUPS, prog="cimfast.tokenizer_train",
+                 what="Train a DALL-E-architecture tokenizer (dVAE).",
+                 default_config="ds_tokenizer_demo.json",
+                 defaults={"output_dir": "outputs/tokenizer"}, unused=UNUSED)
+
+
 def train_tokenizer(argv) -> int:
-    tcfg, run, ds_cfg, ds_path = parse(argv, GROUPS, prog="cimfast.tokenizer_train",
-                                       what="Train a DALL-E-architecture tokenizer (dVAE).",
-                                       default_config="ds_tokenizer_demo.json",
-                                       defaults={"output_dir": "outputs/tokenizer"}, unused=UNUSED)
+    tcfg, run, ds_cfg, ds_path = parse_command(argv)
     fill_auto(ds_cfg, run)
     check_run(run, "dvae")
     if nothing_left(run, "dvae"):  # a finished run resumed: nothing set up, written or evaluated again

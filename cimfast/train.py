@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
 
 def pretrain(argv) -> int:
-    cfg, run, ds_cfg, ds_path = parse(argv)
+    cfg, run, ds_cfg, ds_path = parse_command(argv)
     fill_auto(ds_cfg, run)
     check_run(run, "cim")  # every input error before DeepSpeed starts and before anything is written
     check_tokenizer_switches(run, cuda=torch.cuda.is_available())
@@ -52,6 +52,11 @@ def pretrain(argv) -> int:
     code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, place), run, ds_cfg, place)
     finish()
     return code
+
+
+def parse_command(argv) -> tuple:
+    """(CIM settings, run settings, DeepSpeed config, its path) of a command line."""
+    return parse(argv)
 
 
 def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: Tokenizer, place: Place) -> Job:

@@ -237,7 +237,7 @@ def _run_checks(paths: list, max_pixels: int, workers: Optional[int]) -> list:
         return [r for part in ex.map(_check_many, parts) for r in part]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m cimfast.pipelines.validate", description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="image folder (ImageNet-style tree) or file list")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -247,7 +247,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, help="decoding processes (default: the CPU count, at most 32)")
     ap.add_argument("--no-cache", action="store_true", help="check every file again")
     ap.add_argument("--list-bad", action="store_true", help="also print every bad file, one per line, to stderr")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         v = validate(a.root, a.max_pixels, a.cache_dir, a.out, a.workers, use_cache=not a.no_cache)
