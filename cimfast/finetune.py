@@ -40,6 +40,7 @@ from cimfast.config.settings import InputError, RunConfig, require
 from cimfast.engine.distributed import (Place, fill_auto, finish, init_distributed, resolve_cuda_defaults,
                                         setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
+from cimfast.engine.patches import patch_timm_posterize
 from cimfast.evaluation.labelled import ViewSource, labelled_files, normalized, resolve_paths
 from cimfast.evaluation.loading import load_enhancer
 from cimfast.models.timm_names import TIMM_VITS
@@ -201,23 +202,10 @@ class AugmentedImages(torch.utils.data.Dataset):
         return {"images": x, "labels": torch.tensor(self.labels[index])}
 
 
-def _posterize(img, bits_to_keep, **__):
-    """timm's posterize, with 0 bits kept giving the black image that Pillow < 13 gave:
-    Pillow 13 refuses 0 bits, which RandAugment's increasing posterize draws (range 4 -> 0)."""
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
 def train_transform(fcfg: FinetuneConfig, size: int):
-    from timm.data import auto_augment, create_transform
+    from timm.data import create_transform
 
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        auto_augment.NAME_TO_OP[name] = _posterize
+    patch_timm_posterize()
 
     return create_transform(size, is_training=True, auto_augment=fcfg.auto_augment or None,
                             interpolation="bicubic", re_prob=fcfg.reprob, re_mode="pixel", re_count=1,

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from cimfast.engine.guards import NonFiniteGuard, _unscale_and_clip_grads_on_device, device_skip_optimizer
+from cimfast.engine.guards import NonFiniteGuard, device_skip_optimizer
+from cimfast.engine.patches import _unscale_and_clip_grads_on_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,7 +186,7 @@ def test_norm_masking_without_host_sync_matches_deepspeed(value):
     """The sync-free twin of DeepSpeed's gradient-norm masking writes what DeepSpeed's writes."""
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
-    from cimfast.engine.guards import mask_nan_or_inf_on_device
+    from cimfast.engine.patches import mask_nan_or_inf_on_device
 
     ours, theirs = torch.tensor(value), torch.tensor(value)
     mask_nan_or_inf_on_device(ours, device="cpu")
@@ -198,7 +199,7 @@ def test_norm_masking_without_host_sync_matches_deepspeed(value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_norm_masking_makes_no_cuda_sync():
     """DeepSpeed's version makes two host syncs on CUDA (counted on an H200); the twin none."""
-    from cimfast.engine.guards import mask_nan_or_inf_on_device
+    from cimfast.engine.patches import mask_nan_or_inf_on_device
 
     norm = torch.tensor(float("inf"), device="cuda")
     torch.cuda.synchronize()
@@ -225,7 +226,8 @@ import json, os, sys, torch
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed
 from cimfast.config.settings import RunConfig
-from cimfast.engine.guards import NonFiniteGuard, remove_clip_sync
+from cimfast.engine.guards import NonFiniteGuard
+from cimfast.engine.patches import remove_clip_sync
 from cimfast.engine.distributed import fill_auto
 
 class InfGrad(torch.autograd.Function):  # identity forward, infinite gradient
@@ -247,7 +249,7 @@ assert ds["bf16"]["check_grad_overflow"] is False
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
 remove_clip_sync(engine.optimizer)
 from deepspeed.runtime.zero import stage_1_and_2
-from cimfast.engine.guards import mask_nan_or_inf_on_device
+from cimfast.engine.patches import mask_nan_or_inf_on_device
 assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is mask_nan_or_inf_on_device
 guard = NonFiniteGuard(engine.optimizer, torch.device("cpu"), 1)
 assert guard.on_device

@@ -20,9 +20,10 @@ from cimfast.config.preflight import clear_previous_run, nothing_left_message
 from cimfast.config.settings import InputError, RunConfig
 from cimfast.engine import checkpoint
 from cimfast.engine.distributed import Place
-from cimfast.engine.guards import NonFiniteGuard, StopRequest, remove_clip_sync
+from cimfast.engine.guards import NonFiniteGuard, StopRequest
 from cimfast.engine.metrics import Meter, peak_flops
 from cimfast.engine.outputs import Outputs
+from cimfast.engine.patches import remove_clip_sync
 from cimfast.pipelines.prefetch import DevicePrefetcher
 
 log = logging.getLogger("cimfast")
