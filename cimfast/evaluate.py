@@ -117,8 +117,9 @@ def evaluate(a: argparse.Namespace) -> int:
             results = {kind: knn_classify(tr[kind], ty, va[kind], vy, a.k, a.temperature) for kind in tr}
             settings = {"k": a.k, "temperature": a.temperature}
         else:
-            results = {kind: linear_probe(tr[kind], ty, va[kind], vy, a.epochs, a.warmup_epochs, a.lr,
-                                          a.batch_size, a.weight_decay, a.seed, a.optimizer) for kind in tr}
+            results = {kind: linear_probe(tr[kind], ty, va[kind], vy, epochs=a.epochs, warmup_epochs=a.warmup_epochs,
+                                          base_lr=a.lr, batch=a.batch_size, weight_decay=a.weight_decay,
+                                          seed=a.seed, optimizer=a.optimizer) for kind in tr}
             settings = {"optimizer": a.optimizer, "epochs": a.epochs, "warmup_epochs": a.warmup_epochs,
                         "base_lr": a.lr, "batch_size": a.batch_size, "weight_decay": a.weight_decay}
         report = {"protocol": a.protocol, "model": cfg["model"], "train_images": splits.sizes["train"],

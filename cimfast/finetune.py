@@ -242,14 +242,14 @@ def finetune(argv) -> int:
     check_run(run, "finetune")
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
     place = init_distributed()
-    job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, place, sys.argv[1:] if argv is None else argv)
+    job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, place, argv=sys.argv[1:] if argv is None else argv)
     code = run_job(job, run, ds_cfg, place)
     finish()
     return code
 
 
 def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, train_path: str, val_path: str,
-          place: Place, argv=None) -> Job:
+          place: Place, *, argv=None) -> Job:
     from timm.data import Mixup
 
     rank, world, device = place.rank, place.world, place.device

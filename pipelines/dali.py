@@ -269,7 +269,7 @@ class DaliBatches:
 
     MAX_RETRIES = 3
 
-    def __init__(self, files: list, size: int, tok_size: Optional[int], batch: int, rank: int = 0, world: int = 1,
+    def __init__(self, files: list, size: int, tok_size: Optional[int], batch: int, *, rank: int = 0, world: int = 1,
                  seed: int = 0, start_step: int = 0, mask_fn: Optional[Callable] = None, info: Optional[list] = None,
                  device: str = "cpu", device_id: Optional[int] = None, threads: int = 2, py_workers: int = 0,
                  prefetch: int = 2, fallback: Optional[Callable[[int], object]] = None):
@@ -424,7 +424,8 @@ def dali_batches(name: str, dataset, rank: int, world: int, micro: int, start: i
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     threads = dali_threads("gpu" if gpu else "cpu", local_world, threads)
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-    it = DaliBatches(files, dataset.size, dataset.tok_size, micro, rank, world, seed=dataset.seed, start_step=start,
+    it = DaliBatches(files, dataset.size, dataset.tok_size, micro, rank=rank, world=world, seed=dataset.seed,
+                     start_step=start,
                      mask_fn=dataset.mask_fn, info=info, device="gpu" if gpu else "cpu", device_id=device_id,
                      threads=threads, py_workers=py_workers, fallback=torch_batches)
     import nvidia.dali as dali

@@ -123,7 +123,7 @@ def run_settings(run: RunConfig, unused=()) -> dict:
     return {k: v for k, v in dataclasses.asdict(run).items() if k not in unused}
 
 
-def parse(argv=None, groups=GROUPS, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
+def parse(argv=None, groups=GROUPS, *, prog="cimfast.train", what="Corrupted Image Modeling pre-training.",
           default_config="ds_demo.json", unused=None, defaults=None, helps=None):
     """Returns (one instance per settings class..., DeepSpeed config, ds config path); raises ConfigError.
 

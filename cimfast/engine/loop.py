@@ -164,7 +164,7 @@ def start_state(engine, run: RunConfig) -> dict:
     return state
 
 
-def report(step: int, job: Job, engine, batches, guard: NonFiniteGuard, meter: Meter, outputs: Outputs,
+def report(step: int, job: Job, engine, *, batches, guard: NonFiniteGuard, meter: Meter, outputs: Outputs,
            device: torch.device, max_nonfinite: int) -> int:
     """The log interval's one host read: metrics shown and written; non-zero (the exit
     code) when the run must stop for non-finite losses."""
@@ -207,7 +207,8 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
             step += 1
             outputs.advance()
             if step % run.log_interval == 0 or step == run.max_steps:
-                code = report(step, job, engine, batches, guard, meter, outputs, place.device, run.max_nonfinite)
+                code = report(step, job, engine, batches=batches, guard=guard, meter=meter, outputs=outputs,
+                              device=place.device, max_nonfinite=run.max_nonfinite)
             if code:
                 break
             meter.since += outputs.periodic(state, step)  # evaluation time stays out of the throughput

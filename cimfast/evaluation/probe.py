@@ -42,7 +42,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-g["lr"])
 
 
-def linear_probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor,
+def linear_probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor, *,
                  epochs: int = 90, warmup_epochs: int = 10, base_lr: float = 0.1, batch: int = 256,
                  weight_decay: float = 0.0, seed: int = 0, optimizer: str = "sgd") -> dict:
     """MAE's linear probe on cached features (see the module's text): top-1/top-5 (%) on ``val``."""
