@@ -37,11 +37,11 @@ import torch.nn as nn
 from cimfast.config.cli import parse, run_settings
 from cimfast.config.preflight import check_run, guarded, run_and_exit
 from cimfast.config.settings import InputError, RunConfig, require
-from cimfast.engine.distributed import (Place, fill_auto, finish, init_distributed, resolve_cuda_defaults,
+from cimfast.engine.distributed import (Place, engine_dtype, fill_auto, finish, init_distributed, resolve_cuda_defaults,
                                         setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.engine.patches import patch_timm_posterize
-from cimfast.evaluation.labelled import ViewSource, labelled_files, normalized, resolve_paths
+from cimfast.evaluation.labelled import ViewSource, check_same_classes, labelled_files, normalized, resolve_paths
 from cimfast.evaluation.loading import load_enhancer
 from cimfast.models.timm_names import TIMM_VITS
 from cimfast.objective.cim import IMAGENET_MEAN, IMAGENET_STD
@@ -256,8 +256,7 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
     resolve_cuda_defaults(run, device)
     files, labels, classes = labelled_files(train_path, run.cache_dir)
     vfiles, vlabels, vclasses = labelled_files(val_path, run.cache_dir)
-    if vclasses != classes:
-        raise InputError(f"{val_path}: its class folders differ from those of {train_path}")
+    check_same_classes(train_path, classes, val_path, vclasses)
     torch.manual_seed(run.seed)
     model, info = build_classifier(fcfg, len(classes))
 
@@ -295,8 +294,7 @@ def setup(fcfg: FinetuneConfig, run: RunConfig, ds_cfg: dict, ds_path: str, trai
                 "steps_per_epoch": steps_per_epoch}
     write_config(run, rank, {"cimfast": settings, "deepspeed": ds_cfg, "ds_config_path": ds_path})
     model.to(device)
-    dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else \
-        torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32
+    dtype = engine_dtype(ds_cfg)
 
     mixing = fcfg.mixup > 0 or fcfg.cutmix > 0
     mixup = Mixup(mixup_alpha=fcfg.mixup, cutmix_alpha=fcfg.cutmix, prob=fcfg.mixup_prob,

@@ -20,7 +20,7 @@ from cimfast.config.cli import parse, run_settings
 from cimfast.config.preflight import check_run, guarded, nothing_left, run_and_exit
 from cimfast.config.settings import Config, ConfigError, RunConfig
 from cimfast.engine.data import build_batches, build_dataset, fixed_batch
-from cimfast.engine.distributed import (Place, fill_auto, finish, init_distributed, resolve_cuda_defaults,
+from cimfast.engine.distributed import (Place, engine_dtype, fill_auto, finish, init_distributed, resolve_cuda_defaults,
                                         setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.engine.metrics import count_step_flops
@@ -79,8 +79,7 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
     if run.tokenizer_bf16 or run.tokenizer_fp8_logits:
         tokenizer.fast(torch.bfloat16 if run.tokenizer_bf16 else None, compile=run.compile,
                        io_dtype=run.tokenizer_io_bf16, fp8_logits=run.tokenizer_fp8_logits, fuse=run.tokenizer_fuse)
-    probe(device, torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else
-          torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else torch.float32)
+    probe(device, engine_dtype(ds_cfg))
     use_triton(torch.empty(0, device=device))  # logs the kernels' choice for this device, eagerly
 
     marginal = CodeMarginal(tokenizer.vocab_size, device)
@@ -111,9 +110,8 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     def picture(module, path):
         b = {k: v.to(device) for k, v in shown.items()}
-        # forward, not __call__: eager, not the compiled step. Calling the compiled module with 8
-        # images and return_visuals recompiled it at every picture, and on an H200 (torch 2.11)
-        # that dynamic-shape recompile crashed inductor in the ResPix target's float64 cumsum.
+        # forward, not __call__: eager, not the compiled step, whose static shapes a picture's
+        # batch of 8 with visuals would recompile at every picture.
         out = module.forward(b["images"], b["images_tok"], b["mask"], b["sample_key"], return_visuals=True)
         if path:
             save_grid(out["visuals"], cfg.patch_size, path)

@@ -60,10 +60,10 @@ def use_triton(*tensors) -> bool:
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if any(t.is_meta for t in tensors):
         # FLOP counting runs the model on the meta device: the reference (shapes only), whatever is
-        # forced, and nothing logged (a GPU run's log opened with "reference (not on CUDA)" before)
+        # forced, and nothing logged (the log names the training device's choice only)
         return False
-    # len(), not bool(list): torch 2.11's dynamo cannot trace bool() of a list, and that graph break
-    # failed fullgraph compiles of the ops on an H200 (later torch versions trace both)
+    # len(), not bool(list): torch 2.11's dynamo cannot trace bool() of a list (a graph break that
+    # fails fullgraph compiles; later torch versions trace both)
     on_cuda = len(tensors) > 0 and all(t.is_cuda for t in tensors)
     if mode == "reference":
         choice, why = False, f"{ENV_VAR}=reference"

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from cimfast.pipelines.atomic import write_atomically
 
 # RGB photographs that load offline from skimage.data (verified 2026-11).
 SKIMAGE_RGB = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
@@ -68,10 +69,8 @@ def demo_jpeg_files(split: str = "train", cache_dir: Optional[str] = None, quali
     for i, a in enumerate(demo_images(split)):
         path = os.path.join(folder, f"{i:03d}_{a.shape[0]}x{a.shape[1]}.jpg")
         if not os.path.isfile(path):
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".jpg.tmp")
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(np.ascontiguousarray(a)).save(f, "JPEG", quality=quality)
-            os.replace(tmp, path)  # atomic: ranks writing at once are harmless
+            image = Image.fromarray(np.ascontiguousarray(a))
+            write_atomically(path, lambda tmp: image.save(tmp, "JPEG", quality=quality))  # ranks may race
         paths.append(path)
         info.append((a.shape[0], a.shape[1], "JPEG"))
     return paths, info

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cimfast.pipelines.atomic import write_text_atomically
 from cimfast.pipelines.datasets import list_images
 from cimfast.pipelines.demo import default_cache_dir
 
@@ -113,19 +114,6 @@ def _locked(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _tag(root: str) -> str:
     a = os.path.abspath(root)
     name = os.path.basename(a.rstrip("/")) or "root"
@@ -165,7 +153,7 @@ def validate(root: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Optiona
                 entries[files[i]] = [stats[i][0], stats[i][1], *r]
             if use_cache and todo:
                 keep = {p: entries[p] for p in files}  # forget files no longer listed
-                _atomic_write(cache_path, json.dumps({"version": CACHE_VERSION, "root": os.path.abspath(root),
+                write_text_atomically(cache_path, json.dumps({"version": CACHE_VERSION, "root": os.path.abspath(root),
                                                       "entries": keep}, separators=(",", ":")))
     good, info, bad = [], [], []
     for p in files:
@@ -184,8 +172,8 @@ def validate(root: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Optiona
         "bad_files": [{"path": p, "status": s, "message": m} for p, s, m in bad[:100]],
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    _atomic_write(out, "".join(f"{p}\t{w}\t{h}\t{fmt}\n" for p, (h, w, fmt) in zip(good, info)))
-    _atomic_write(os.path.splitext(out)[0] + ".summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomically(out, "".join(f"{p}\t{w}\t{h}\t{fmt}\n" for p, (h, w, fmt) in zip(good, info)))
+    write_text_atomically(os.path.splitext(out)[0] + ".summary.json", json.dumps(summary, indent=1) + "\n")
     return Validation(good, info, summary, os.path.abspath(out), bad)
 
 

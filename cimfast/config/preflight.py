@@ -139,12 +139,9 @@ def guarded(body: Callable[[], int], argv) -> int:
 
 def run_and_exit(main: Callable[[], int]) -> None:
     """A script's exit: ``main()``'s code, then everything flushed and the
-    process gone without the interpreter's teardown. That teardown hung: after
-    their last line (metrics closed, checkpoint written) 2 of 11 fine-tuning
-    runs waited on DataLoader workers; on an H200 a pre-training run that raised
-    sat 40 s after its traceback, until killed, holding its GPU (the launcher
-    waits for it); a 2-rank evaluation on the CPU aborted in teardown
-    ("terminate called without an active exception", exit 250).
+    process gone without the interpreter's teardown, which can hang on
+    DataLoader workers or CUDA and NCCL state after the last line (holding a
+    GPU the launcher waits for) or abort in native destructors.
 
     Exit codes are Python's: an exception prints its traceback and exits 1,
     ``SystemExit`` keeps its code (None: 0; a message: printed, 1), Ctrl-C

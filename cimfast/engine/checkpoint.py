@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cimfast.config.settings import InputError
+from cimfast.pipelines.atomic import write_text_atomically
 
 STATE_FILE = "cimfast_state.json"
 
@@ -32,15 +33,6 @@ def checkpoint_root(output_dir: str) -> str:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:
@@ -87,19 +79,20 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int, rank: int) 
     final = os.path.join(root, tag)
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        for d in os.listdir(root):
+        for d in os.listdir(root):  # what an interrupted save left: folders and temporary files
             if d.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+                stale = os.path.join(root, d)
+                shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.unlink(stale)
     _barrier()
     engine.save_checkpoint(tmp_root, tag=tag, save_latest=False)
     _barrier()
     if rank == 0:
-        _write_atomic(os.path.join(tmp_root, tag, STATE_FILE), json.dumps(state, indent=1))
+        write_text_atomically(os.path.join(tmp_root, tag, STATE_FILE), json.dumps(state, indent=1), fsync=True)
         if os.path.isdir(final):  # the same step saved twice (e.g. end of run after an interval save)
             shutil.rmtree(final)
         os.replace(os.path.join(tmp_root, tag), final)
         _fsync_dir(root)
-        _write_atomic(os.path.join(root, "latest"), tag)
+        write_text_atomically(os.path.join(root, "latest"), tag, fsync=True)
         shutil.rmtree(tmp_root, ignore_errors=True)
         for old in finished_checkpoints(root)[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)

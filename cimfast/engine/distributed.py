@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from cimfast.config.preflight import check_port
 from cimfast.config.settings import InputError, RunConfig
+from cimfast.pipelines.demo import default_cache_dir
 
 log = logging.getLogger("cimfast")
 
@@ -46,6 +47,13 @@ def fill_rendezvous_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def engine_dtype(ds: dict) -> torch.dtype:
+    """The dtype a DeepSpeed config trains in: bf16, fp16, else fp32."""
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+
+
 def fill_auto(ds: dict, run: RunConfig) -> dict:
     """``"auto"`` in the scheduler's step counts (derived from --max_steps), and
     two DeepSpeed defaults that read the device at every step, turned off
@@ -66,15 +74,14 @@ def fill_auto(ds: dict, run: RunConfig) -> dict:
 
 
 def extensions_dir() -> str:
-    """Where DeepSpeed's just-in-time C++ ops are built: one folder per Python environment.
-    torch's default is one folder for all of them, and a build made from another
-    environment's sources is rebuilt: two checkouts rebuilt each other's CPU all-reduce
-    op at every run (20-30 s of silence at start). TORCH_EXTENSIONS_DIR overrides it."""
+    """Where DeepSpeed's just-in-time C++ ops are built: one folder per Python environment
+    and torch version, in cimfast's cache. torch's default is one folder for all, where an
+    op built from another environment's sources is rebuilt at every start (20-30 s).
+    TORCH_EXTENSIONS_DIR overrides it."""
     import hashlib
 
     env = hashlib.sha1(f"{os.path.realpath(sys.prefix)} {torch.__version__}".encode()).hexdigest()[:12]
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "cimfast", "torch_extensions", env)
+    return os.path.join(default_cache_dir(), "torch_extensions", env)
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ def unlink_shm_allreduce_name() -> None:
     """DeepSpeed's CPU all-reduce (used when its launcher starts every rank on one
     host) maps one 69 MB file per rank in /dev/shm, named by user, master address,
     port and rank, and never unlinks it: each CPU run on a new port would leave
-    69 MB of memory per rank behind until reboot (a test machine filled 20 GB so).
+    69 MB of memory per rank behind until reboot.
     Each rank maps every peer's file while deepspeed.init_distributed runs; past a
     barrier no rank opens one again, so each rank unlinks its own name at once
     and the mappings live on to the end of the run, however it ends then (a rank

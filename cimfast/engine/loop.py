@@ -101,9 +101,9 @@ def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Op
         raise InputError(f"ds_config: {e} (check the \"params\" of \"optimizer\" and \"scheduler\")") from e
     remove_clip_sync(engine.optimizer)
     if run.compile:
-        # static shapes: the training step's shapes never change, and inductor's dynamic-batch recompile
-        # of the ResPix target's float64 cumsum crashed on an H200 (torch 2.11) when another shape came
-        # by. A new shape (fine-tuning's smaller last validation batch) costs one static compile of its own.
+        # static shapes: the training step's shapes never change, and a dynamic-batch recompile of
+        # the ResPix target's float64 cumsum can crash inductor (torch 2.11). A new shape (fine-tuning's
+        # smaller last validation batch) costs one static compile of its own.
         engine.compile(compile_kwargs={"dynamic": False})
     return engine
 

@@ -52,8 +52,7 @@ def mask_nan_or_inf_on_device(input, device=None, val=-1.):
     non-finite gradient norm as -1, whatever ``val`` says) without its two host
     syncs: it builds the fill value with ``torch.tensor(-1.0, device=...)`` (a
     copy from pageable host memory) and hands ``masked_fill_`` that tensor (read
-    back with ``.item()``). ``torch.cuda.set_sync_debug_mode`` counted both,
-    twice per step (once per parameter group), with ZeRO-2 on an H200. A Python
+    back with ``.item()``), twice a step (once per parameter group). A Python
     float fills without either."""
     input.masked_fill_(~torch.isfinite(input), -1.0)
 

@@ -13,8 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cimfast.config.settings import InputError
-from cimfast.evaluation.labelled import ViewSource, labelled_files, normalized, resolve_paths
+from cimfast.evaluation.labelled import ViewSource, check_same_classes, labelled_files, normalized, resolve_paths
 
 log = logging.getLogger("cimfast")
 
@@ -85,8 +84,8 @@ class LabelledSplits:
             self.sizes[name] = len(files)
             if name == "train":
                 self.classes = classes
-            elif classes != self.classes:
-                raise InputError(f"{val_path}: its class folders differ from those of {train_path}")
+            else:
+                check_same_classes(train_path, self.classes, val_path, classes)
 
     def features(self, enhancer: nn.Module, device: torch.device) -> dict:
         """{split: (features by kind, labels)}, gathered on every rank."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 
 from cimfast.config.settings import InputError
 from cimfast.objective.cim import IMAGENET_MEAN, IMAGENET_STD
+from cimfast.pipelines.atomic import publish_folder
 from cimfast.pipelines.datasets import decode_file
 from cimfast.pipelines.demo import default_cache_dir
 from cimfast.pipelines.validate import validate
@@ -36,22 +35,17 @@ def demo_digits(split: str, cache_dir: Optional[str] = None) -> str:
     root = os.path.join(cache_dir or default_cache_dir(), "demo-digits", split)
     if os.path.isdir(root):
         return root
-    # written into a private folder and renamed into place: ranks that race here
-    # never see a half-written set (the loser of the rename drops its copy)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=os.path.dirname(root))
     d = load_digits()
-    for i, (img, y) in enumerate(zip(d.images, d.target)):
-        if (i % 4 == 0) != (split == "val"):
-            continue
-        os.makedirs(os.path.join(tmp, str(y)), exist_ok=True)
-        a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
-        Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(tmp, str(y), f"{i:04d}.png"))
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another rank was first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def fill(tmp: str) -> None:
+        for i, (img, y) in enumerate(zip(d.images, d.target)):
+            if (i % 4 == 0) != (split == "val"):
+                continue
+            os.makedirs(os.path.join(tmp, str(y)), exist_ok=True)
+            a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
+            Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(tmp, str(y), f"{i:04d}.png"))
+
+    return publish_folder(root, fill)  # ranks that race here never see a half-written set
 
 
 def labelled_files(path: str, cache_dir: Optional[str] = None) -> tuple[list, list, list]:
@@ -97,6 +91,12 @@ def resolve_paths(train_path: str, val_path: str, cache_dir: Optional[str] = Non
     if train_path == "demo":
         return demo_digits("train", cache_dir), demo_digits("val", cache_dir)
     return train_path, val_path
+
+
+def check_same_classes(train_path: str, classes: list, val_path: str, val_classes: list) -> None:
+    """A labelled val set must name the train set's classes, in the same order (labels are their indices)."""
+    if val_classes != classes:
+        raise InputError(f"{val_path}: its class folders differ from those of {train_path}")
 
 
 def eval_view(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from cimfast.config.settings import InputError
+from cimfast.pipelines.atomic import write_atomically
 from cimfast.tokenizer.model import Tokenizer, spec_from_state_dicts
 
 OFFICIAL_HINT = (
@@ -133,13 +133,10 @@ def save_safetensors(tok: Tokenizer, path: str, metadata: dict | None = None) ->
     tensors.update({f"decoder.{k}": v.contiguous() for k, v in tok.decoder.state_dict().items()})
     meta = {k: str(v) for k, v in asdict(tok.spec).items()}
     meta.update(metadata or {})
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")  # ranks may write at once
-    os.close(fd)
-    save_file(tensors, tmp, metadata=meta)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a tokenizer is meant to be shared
-    os.replace(tmp, path)
+    # ranks may write at once; a tokenizer is meant to be shared (temporary files are private)
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o666 & ~umask)
 
 
 def _read_safetensors(path: str) -> tuple[dict, dict]:
