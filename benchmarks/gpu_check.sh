@@ -76,12 +76,13 @@ if ls wheels/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
   fi
 fi
-# cimfast itself: its kernels/ and pipelines/ folders become cimfast.kernels and cimfast.pipelines
+# cimfast itself: its kernels/, pipelines/ and configs/ folders become cimfast.kernels, .pipelines, .configs
 # through the install's package mapping (pip install -e .). Without a registry pip's build isolation
-# cannot fetch setuptools there; then the two folders are copied into this (throwaway) copy's package.
+# cannot fetch setuptools there; then the three folders are copied into this (throwaway) copy's package.
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >> $W/pip.txt 2>&1
 if ! $PY -c "import cimfast.kernels, cimfast.pipelines" 2>/dev/null; then
-  cp -r kernels cimfast/kernels && cp -r pipelines cimfast/pipelines && log "cimfast: kernels/ and pipelines/ copied into the package"
+  cp -r kernels cimfast/kernels && cp -r pipelines cimfast/pipelines && cp -r configs cimfast/configs \
+    && log "cimfast: kernels/, pipelines/ and configs/ copied into the package"
 fi
 $PY -c "import cimfast.kernels, cimfast.pipelines; print('cimfast from', cimfast.__file__)" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 DS=$(command -v deepspeed || echo "$(dirname "$(command -v $PY)")/deepspeed")

@@ -192,6 +192,8 @@ def build_args(a, rest, out_dir) -> list[str]:
                image_interval=0, progress=False)
     for k in ("knn_train_path", "knn_val_path"):  # the step only: no k-NN monitor
         sec.pop(k, None)
+    if "synthetic" in rest and "--data_path" not in rest:  # compute only: the config's data is never read
+        sec["data_path"] = None
     # one rank, no accumulation: every timed step is one micro-batch and one optimizer step
     micro = a.micro_batch or ds.get("train_micro_batch_size_per_gpu") or ds["train_batch_size"]
     ds.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro, gradient_accumulation_steps=1)

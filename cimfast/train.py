@@ -132,6 +132,9 @@ def check_tokenizer_switches(run: RunConfig, cuda: bool) -> None:
     if run.tokenizer_io_bf16 and not bf16:
         raise ConfigError("tokenizer_io_bf16: needs --tokenizer_bf16 (the input and output convolutions join the "
                           "bf16 fast path)")
+    if run.tokenizer_fp8_logits and cuda and torch.cuda.get_device_capability() < (9, 0):
+        raise ConfigError(f"tokenizer_fp8_logits: needs a GPU with row-wise scaled FP8 matmuls (sm_90 or newer); "
+                          f"this one is sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
     if run.tokenizer_fuse and not (compiled and (bf16 or run.tokenizer_fp8_logits)):
         raise ConfigError("tokenizer_fuse: needs --compile and the tokenizer's fast path (--tokenizer_bf16)")
 

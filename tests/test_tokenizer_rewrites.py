@@ -36,6 +36,18 @@ def test_rewrites_equal_the_official_form_in_fp32(which):
     assert (tok.decode(ids) - tok.decode_onehot(ids)).abs().max() <= 1e-4  # on unit-range images
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_every_group_size_keeps_the_official_numbers(blocks):
+    """1 and 2 blocks a group: gains 1/16 and 1/64, folded, bit-equal; 3 blocks: 1/144,
+    not a power of two, so the branch is scaled as the official form does, bit-equal too."""
+    torch.manual_seed(0)
+    tok = T.Tokenizer(T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=blocks, vocab_size=64))
+    x = T.map_pixels(torch.rand(2, 3, 32, 32))
+    assert torch.equal(tok.encoder(x), tok.encoder.forward_official(x))
+    emb = torch.randn(2, 4, 4, 8)
+    assert torch.equal(tok.decoder.forward_embedded(emb), tok.decoder.forward_embedded(emb, official=True))
+
+
 def test_rewrites_keep_gradients_for_tokenizer_training():
     torch.manual_seed(0)
     spec = T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=1, vocab_size=64)
@@ -99,3 +111,9 @@ def test_speed_switches_agree_with_fp32_on_the_shipped_tokenizer(switch, least):
     agreement = float((ids == ref.tokenize(x)).float().mean())
     assert least <= agreement < 1.0, agreement  # below 1: the switch really changed the numerics
     assert (tok.decode(ids) - ref.decode(ids)).abs().max() < 0.1  # the same ids decoded in lower precision
+
+
+def test_fp8_logits_refuse_widths_the_fp8_matmul_cannot_take():
+    tok = T.Tokenizer(T.TokenizerSpec(n_hid=16, n_init=8, n_blk_per_group=1, vocab_size=1000))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tok.fast(torch.bfloat16, fp8_logits=True)

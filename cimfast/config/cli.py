@@ -85,7 +85,12 @@ def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.js
 def default_ds_config(name: str) -> str:
     """A config that ships with cimfast: package data of ``cimfast.configs`` (the
     checkout's ``configs/`` folder, mapped there by the install)."""
-    path = str(importlib.resources.files("cimfast.configs").joinpath(name))
+    try:
+        path = str(importlib.resources.files("cimfast.configs").joinpath(name))
+    except ModuleNotFoundError:  # an install made before configs/ became package data
+        raise ConfigError(f"ds_config: no --ds_config given and the shipped configs are not installed: "
+                          f"re-run pip install -e . (or scripts/install.sh), or pass --ds_config configs/{name}")
+
     if not os.path.isfile(path):
         raise ConfigError(f"ds_config: no --ds_config given and the shipped config {name} is missing from {path}")
     return path

@@ -194,7 +194,7 @@ class RunConfig:
                 "code; on changes tokens at near-ties; on by default only once a GPU measurement says it pays)"})
     tokenizer_fp8_logits: bool = field(default=False, metadata={
         "help": "the tokenizer encoder's output convolution (8192 logits a cell, argmax only) as one FP8 matmul "
-                "(torch._scaled_mm, row-wise scales; needs an FP8 GPU: sm_89 or newer); changes tokens at near-ties"})
+                "(torch._scaled_mm, row-wise scales; needs sm_90 or newer); changes tokens at near-ties"})
     tokenizer_fuse: bool = field(default=False, metadata={
         "help": "with --compile: inductor lowers the tokenizer's 1x1 convolutions to matmuls and autotunes them "
                 "with bias and ReLU fused in (longer start-up)"})

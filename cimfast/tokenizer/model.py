@@ -6,8 +6,10 @@ Module and parameter names follow the official ``dall_e`` package exactly
 
 The modules' own ``forward`` is the official form, kept as the reference.
 Tokenizing and decoding run exact rewrites of it, tested equal in fp32:
-- the residual gain folded into each block's last convolution (a power of
-  two for the shipped sizes, 1/64 and 1/16, so the scaling is exact);
+- the residual gain folded into each block's last convolution when it is a
+  power of two (1/64 and 1/16 for the shipped sizes: the scaling is exact);
+  other gains (three blocks a group: 1/144) scale the branch as the official
+  form does;
 - in the decoder, the first block of each upsampled group runs its 1x1
   convolutions (``id_path`` and ``conv_1``) and the ReLU before them on the
   pixels before the nearest 2x upsample: every one of those is pointwise,
@@ -80,18 +82,19 @@ class _ResBlock(nn.Module):
         with ``upsample``, ``forward(up(x))`` with the leading pointwise work (ReLU,
         1x1 convolutions) done before the nearest 2x upsample."""
         convs = [m for m in self.res_path if isinstance(m, Conv2d)]
+        fold = math.frexp(self.post_gain)[0] == 0.5  # a power of two scales every float exactly
         skip = self.id_path(x)
         h = x
         for i, conv in enumerate(convs):
             w, b = conv.w, conv.b
-            if i == len(convs) - 1:
+            if i == len(convs) - 1 and fold:
                 w, b = w * self.post_gain, b * self.post_gain
             h = F.conv2d(F.relu(h), w.to(h.dtype), b.to(h.dtype), padding=(conv.kw - 1) // 2)
             if i == 0 and upsample:
                 if conv.kw != 1:
                     raise ValueError("only a block that starts with a 1x1 convolution runs before an upsample")
                 h, skip = _upsample(h), _upsample(skip)
-        return skip + h
+        return skip + h if fold else skip + self.post_gain * h
 
 
 def _upsample(x: torch.Tensor) -> torch.Tensor:
@@ -319,6 +322,9 @@ class Tokenizer(nn.Module):
                 for part in (self.encoder, self.decoder):
                     part.blocks.input.float()
                     part.blocks.output.float()
+        if fp8_logits and (8 * self.spec.n_hid) % 16 or fp8_logits and self.spec.vocab_size % 16:
+            raise ValueError(f"FP8 logits need the encoder's width ({8 * self.spec.n_hid}) and vocabulary "
+                             f"({self.spec.vocab_size}) to be multiples of 16 (torch._scaled_mm)")
         self.encoder.fp8_logits = fp8_logits
         self.to(memory_format=torch.channels_last)
         if compile:
