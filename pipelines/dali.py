@@ -64,10 +64,6 @@ def dali_import_error() -> Optional[str]:
     return None
 
 
-def dali_available() -> bool:
-    return dali_import_error() is None
-
-
 def _header(data: bytes) -> tuple[int, int, str]:
     """(height, width, PIL format) from the header only (nothing decoded)."""
     from PIL import Image

@@ -23,8 +23,8 @@ from cimfast.pipelines.validate import validate
 from cimfast.pipelines.views import as_unit
 
 try:
-    from cimfast.pipelines.dali import DaliBatches, dali_available
-    HAVE_DALI = dali_available()
+    from cimfast.pipelines.dali import DaliBatches, dali_import_error
+    HAVE_DALI = dali_import_error() is None
 except Exception:  # pragma: no cover
     HAVE_DALI = False
 # torchvision 0.29 deprecates its decoders (the torch path falls back to PIL when they are gone)

@@ -84,14 +84,14 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, fmt):
     else:
         with open(path, "wb") as f:
             pickle.dump(_Evil(marker), f)
-    with pytest.raises(TF.NotATokenizerError, match="not a DALL-E tokenizer"):
+    with pytest.raises(TF.TokenizerFileError, match="not a DALL-E tokenizer"):
         TF.load_official_pickle(str(path))
     assert not marker.exists()
 
 
 def test_unknown_class_is_refused(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "encoder.pkl")
-    with pytest.raises(TF.NotATokenizerError, match="torch.nn.modules.linear.Linear"):
+    with pytest.raises(TF.TokenizerFileError, match="torch.nn.modules.linear.Linear"):
         TF.load_official_pickle(str(tmp_path / "encoder.pkl"))
 
 
@@ -99,7 +99,7 @@ def test_checksum_pinning(tmp_path):
     write_official(SPEC, tmp_path)
     good = TF.sha256_of(str(tmp_path / "encoder.pkl"))
     TF.load_official_pickle(str(tmp_path / "encoder.pkl"), expected_sha256=good)
-    with pytest.raises(TF.NotATokenizerError, match="SHA-256"):
+    with pytest.raises(TF.TokenizerFileError, match="SHA-256"):
         TF.load_tokenizer(str(tmp_path), encoder_sha256="0" * 64)
 
 
@@ -120,7 +120,7 @@ def test_missing_files_say_what_to_download(tmp_path):
         TF.load_tokenizer(str(tmp_path / "nope.safetensors"))
     (tmp_path / "encoder.pkl").write_bytes(b"not a pickle at all")
     (tmp_path / "decoder.pkl").write_bytes(b"")
-    with pytest.raises(TF.NotATokenizerError, match="could not be read"):
+    with pytest.raises(TF.TokenizerFileError, match="could not be read"):
         TF.load_tokenizer(str(tmp_path))
 
 

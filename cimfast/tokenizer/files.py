@@ -39,8 +39,6 @@ class TokenizerFileError(InputError):
         super().__init__(f"{msg}. {OFFICIAL_HINT}")
 
 
-NotATokenizerError = TokenizerFileError
-
 
 # Classes a DALL-E pickle may name, mapped to what rebuilds them here. The
 # stand-ins for dall_e.* only receive the pickled attribute dicts; weights are
@@ -147,10 +145,6 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:
         raise TokenizerFileError(f"{path} could not be read as a tokenizer ({type(e).__name__}: {e})") from None
-
-
-def load_safetensors(path: str) -> Tokenizer:
-    return tokenizer_from_state_dict(_read_safetensors(path)[0], path)
 
 
 def tokenizer_from_state_dict(sd: dict, source: str = "the state dict") -> Tokenizer:
