@@ -84,6 +84,7 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     marginal = CodeMarginal(tokenizer.vocab_size, device)
     watch = ReplacedWatch(run.max_steps)
+    knn_init: dict = {}  # the k-NN monitor at step 0: what pre-training must beat
 
     def forward(engine, batch, step):
         out = engine(batch["images"], batch["images_tok"], batch["mask"], batch["sample_key"])
@@ -105,8 +106,20 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     def evaluate(module, step):
         res = monitor.knn(module.enhancer, device)
-        return {f"knn_top{n}" + ("" if kind in ("mean", "pool") else f"_{kind}"): r[f"top{n}"]
-                for kind, r in res.items() for n in (1, 5)}
+        found = {f"knn_top{n}" + ("" if kind in ("mean", "pool") else f"_{kind}"): r[f"top{n}"]
+                 for kind, r in res.items() for n in (1, 5)}
+        if step == 0:  # before any update: logged once, kept in every checkpoint
+            knn_init.update(found)
+            return {f"{k}_init": v for k, v in found.items()}
+        return {**found, **{f"{k}_gain": v - knn_init[k] for k, v in found.items() if k in knn_init}}
+
+    def job_state():
+        return {"code_counts": marginal.state(world), "replaced_watch": watch.state(), "knn_init": knn_init}
+
+    def load_job_state(s):
+        marginal.load(s.get("code_counts"), rank)
+        watch.load(s.get("replaced_watch"))
+        knn_init.update(s.get("knn_init") or {})
 
     def picture(module, path):
         b = {k: v.to(device) for k, v in shown.items()}
@@ -120,6 +133,7 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
                batches=lambda micro, start: build_batches(dataset, run, micro, start, device, rank, world),
                flops_per_image=flops["total"], on_log=on_log,
                evaluate=evaluate if monitor else None, eval_interval=cfg.knn_interval,
+               evaluate_first=monitor is not None, state=job_state, load_state=load_job_state,
                summary=f"preset {cfg.preset}, objective {cfg.objective}, {flops['total'] / 1e9:.2f} GFLOP per "
                        f"image per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
 

@@ -226,3 +226,21 @@ def test_a_missing_folder_is_named_before_the_model_loads(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"--train_path {tmp_path / 'nope'} is not a folder" in r.stderr
+
+
+def test_loss_plot_draws_each_loss_beside_its_baseline_and_knn_beside_step_0(tmp_path):
+    from cimfast.engine.metrics import tensorboard_name
+    from cimfast.engine.pictures import save_loss_plot
+
+    records = [{"step": 0, "knn_top1_init": 40.0, "knn_top1_cls_init": 38.0}]
+    records += [{"step": s, "loss": 7 - s / 10, "gen_loss": 6 - s / 10, "gen_loss_trivial": 6.0, "enh_loss": 0.8,
+                 "enh_loss_trivial": 0.81} for s in range(1, 5)]
+    records += [{"step": 4, "knn_top1": 45.0, "knn_top1_cls": 39.0, "knn_top1_gain": 5.0}]
+    drawn = save_loss_plot(records, str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert drawn["gen_loss"] == ["gen_loss", "gen_loss_trivial"] and drawn["enh_loss"] == ["enh_loss", "enh_loss_trivial"]
+    assert drawn["loss"] == ["loss"]
+    assert drawn["k-NN top-1 (%)"] == ["knn_top1", "knn_top1_init", "knn_top1_cls", "knn_top1_cls_init"]
+    assert "k-NN top-1 (%)" not in save_loss_plot(records[1:5], str(tmp_path / "no_knn.png"))
+    assert [tensorboard_name(k) for k in ("gen_loss", "gen_loss_trivial", "knn_top1", "knn_top1_init", "lr")] == \
+        ["loss/gen_loss", "loss/gen_loss_trivial", "knn/top1", "knn/top1_init", "run/lr"]

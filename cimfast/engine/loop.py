@@ -74,6 +74,9 @@ class Job:
     evaluate: Optional[Callable] = None  # (module, step) -> metrics, on all ranks, in eval mode
     eval_interval: int = 0  # steps between evaluations (and one at the end); 0: only at the end
     param_groups: Optional[list] = None  # the optimizer's groups (default: no decay on biases and norms)
+    evaluate_first: bool = False  # also evaluate at step 0, before any update: the baseline later records beat
+    state: Optional[Callable[[], dict]] = None  # () -> what the job accumulates (JSON), into every checkpoint
+    load_state: Optional[Callable[[dict], None]] = None  # its inverse on resume; both called on all ranks
 
 
 def make_engine(model: torch.nn.Module, ds_cfg: dict, run: RunConfig, groups: Optional[list] = None):
@@ -147,14 +150,17 @@ def nonfinite_stop(in_a_row: int) -> int:
     return 3
 
 
-def start_state(engine, run: RunConfig) -> dict:
-    """The loop's state: fresh, or the checkpoint's that ``run.resume`` names."""
+def start_state(engine, run: RunConfig, job: Job) -> dict:
+    """The loop's state: fresh, or the checkpoint's that ``run.resume`` names
+    (with what the job accumulated, handed back to it)."""
     state = {"step": 0, "micro_steps_consumed": 0, "nonfinite_total": 0}
     resume_path = resolve_resume(run)
     if not resume_path:
         return state
     state.update(checkpoint.load(engine, resume_path))
     log.info("resumed from %s at step %d", resume_path, state["step"])
+    if job.load_state is not None:
+        job.load_state(state.get("job_state") or {})
     planned = state.get("config", {}).get("max_steps")
     if planned is not None and planned != run.max_steps and state["step"] < run.max_steps:
         log.warning("the run was planned for %d steps and now runs to %d: from step %d on, what is "
@@ -181,7 +187,7 @@ def report(step: int, job: Job, engine, *, batches, guard: NonFiniteGuard, meter
 def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
     """Train ``job`` from its start (or checkpoint) to ``run.max_steps``; the exit code."""
     engine = make_engine(job.model, ds_cfg, run, job.param_groups)
-    state = start_state(engine, run)
+    state = start_state(engine, run, job)
     step = state["step"]
     if step >= run.max_steps:  # a finished run resumed (fine-tuning: its length comes from its epochs)
         log.info(nothing_left_message(job.name, step, run.max_steps))
@@ -199,6 +205,8 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
     code, stopped = 0, False
     try:
         engine.train()
+        if job.evaluate_first and step == 0:
+            meter.since += outputs.evaluate(0)
         while step < run.max_steps and not stopped:
             train_step(engine, job, batches, guard, meter, state, step)
             if guard.exhausted:  # host path: the micro-batches kept failing

@@ -123,6 +123,18 @@ def progress_postfix(metrics: dict) -> dict:
     return post
 
 
+def tensorboard_name(key: str) -> str:
+    """TensorBoard groups a series by the part of its name before "/": each loss
+    beside its trivial baseline, the k-NN monitor beside its step-0 value."""
+    if key.startswith("knn_"):
+        return "knn/" + key[len("knn_"):]
+    if "loss" in key or key == "gen_gap":
+        return "loss/" + key
+    if key.startswith("det_") or key in ("gen_acc", "replaced_frac"):
+        return "accuracy/" + key
+    return "run/" + key
+
+
 class MetricsWriter:
     """JSON lines (``metrics.jsonl``) and TensorBoard events, rank 0 only."""
 
@@ -148,7 +160,7 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+                    self.tb.add_scalar(tensorboard_name(k), v, step)
 
     def close(self):
         self.file.close()

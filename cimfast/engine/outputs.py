@@ -65,6 +65,8 @@ class Outputs:
 
     def save(self, state: dict, step: int, reason: str) -> None:
         state.update(step=step, config=self.job.config, reason=reason, job=self.job.name)
+        if self.job.state is not None:
+            state["job_state"] = self.job.state()
         path = checkpoint.save(self.engine, self.run.output_dir, step, state, self.run.keep_checkpoints, self.rank)
         if self.rank == 0:
             log.info("checkpoint (%s): %s", reason, path)

@@ -1,6 +1,8 @@
 """The pictures that tell a person the method works."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -42,19 +44,40 @@ def save_grid(visuals: dict, patch: int, path: str, max_rows: int = 8) -> None:
     Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(path)
 
 
-def save_loss_plot(records: list[dict], path: str) -> None:
+def save_loss_plot(records: list[dict], path: str) -> dict:
+    """``loss.png``: each loss beside its trivial baseline (dashed), and the k-NN
+    monitor beside its step-0 value (dotted). Returns {panel: [series drawn]}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "gen_loss", "enh_loss") if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in records if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts])
-        ax.set_title(k)
+    panels = [(k, [(k, "-"), (f"{k}_trivial", "--")]) for k in ("loss", "gen_loss", "enh_loss")
+              if any(k in r for r in records)]
+    knn = sorted({k for r in records for k in r if re.fullmatch(r"knn_top1(_\w+)?", k)
+                  and not k.endswith(("_init", "_gain"))})
+    if knn:
+        panels.append(("k-NN top-1 (%)", [s for k in knn for s in ((k, "o-"), (f"{k}_init", ":"))]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    drawn = {}
+    for ax, (title, series) in zip(axes[0], panels):
+        drawn[title] = []
+        for key, style in series:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if style == "o-":  # the monitor's curve starts at its step-0 value
+                pts = [(r["step"], r[f"{key}_init"]) for r in records if f"{key}_init" in r][:1] + pts
+            if not pts:
+                continue
+            if style == ":":  # the step-0 value, across the run
+                last = max((r["step"] for r in records), default=1)
+                pts = [(0, pts[0][1]), (last, pts[0][1])]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key)
+            drawn[title].append(key)
+        ax.set_title(title)
         ax.set_xlabel("step")
+        if len(drawn[title]) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return drawn

@@ -42,8 +42,8 @@ def entropy_of_counts(counts: torch.Tensor) -> float:
 
 
 class CodeMarginal:
-    """The codes at the masked patches, counted on the device since the run (or
-    its resume) started. Their entropy is the cross-entropy that a generator
+    """The codes at the masked patches, counted on the device since the run
+    started (a resumed run continues the checkpoint's counts). Their entropy is the cross-entropy that a generator
     ignoring the image reaches at best (it can only predict the marginal):
     the generator's loss below it (``gen_gap`` > 0) is what it reads from the
     visible patches."""
@@ -54,11 +54,24 @@ class CodeMarginal:
     def add(self, counts: torch.Tensor) -> None:
         self.counts += counts
 
-    def report(self, world: int) -> dict:
+    def total(self, world: int) -> torch.Tensor:
+        """Every rank's counts summed (a collective: all ranks call it)."""
         total = self.counts.clone()
         if world > 1:
             dist.all_reduce(total)
-        return {"gen_loss_trivial": entropy_of_counts(total.cpu())}
+        return total
+
+    def report(self, world: int) -> dict:
+        return {"gen_loss_trivial": entropy_of_counts(self.total(world).cpu())}
+
+    def state(self, world: int) -> list:
+        """The run's counts so far, for a checkpoint (all ranks call it)."""
+        return self.total(world).cpu().tolist()
+
+    def load(self, counts, rank: int) -> None:
+        """A checkpoint's counts, held by rank 0 (the sum over ranks is what counts)."""
+        if counts is not None and rank == 0:
+            self.counts.copy_(torch.tensor(counts, dtype=torch.float64))
 
 
 class ReplacedWatch:
@@ -72,6 +85,13 @@ class ReplacedWatch:
         self.low, self.high, self.min_reports = low, high, min_reports
         self.min_steps = min_frac * max_steps
         self.since, self.reports, self.warned = None, 0, False
+
+    def state(self) -> dict:
+        return {"since": self.since, "reports": self.reports, "warned": self.warned}
+
+    def load(self, state) -> None:
+        if state:
+            self.since, self.reports, self.warned = state["since"], state["reports"], state["warned"]
 
     def check(self, step: int, frac: float) -> Optional[str]:
         side = "1" if frac > self.high else "0" if frac < self.low else None
