@@ -429,3 +429,52 @@ def test_pictures_run_eagerly_beside_the_compiled_step(tmp_path):
         b = fixed_batch(build_dataset(cfg, run), 2)
         with pytest.raises(Exception, match="compiled module was called"):  # the refusal is armed
             job.model(b["images"], b["images_tok"], b["mask"], b["sample_key"])
+
+
+FULL_DISK_ON_RANK_1 = r"""
+import errno, os, sys, torch
+real_save = torch.save
+
+
+def save(obj, f, *args, **kwargs):  # rank 1's ZeRO shard of the step-4 checkpoint meets a full disk
+    if os.environ.get("RANK") == "1" and "step_00000004" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+sys.argv = ["train.py", *sys.argv[1:]]
+from cimfast.train import cli
+cli()
+"""
+
+
+@pytest.mark.parametrize("policy", ["stop", "warn"])
+def test_a_checkpoint_write_failing_on_rank_1_keeps_the_previous_one(tmp_path, policy):
+    """ENOSPC on a non-zero rank: every rank learns it, the step-2 checkpoint stays the newest
+    complete one and loads; "stop" ends the run with one line naming the path and the cause
+    and exit code 4, "warn" trains on and checkpoints at the end."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_ON_RANK_1)
+    cfg = ds_config(str(tmp_path), "ckpt", steps=6, checkpoint_interval=2, keep_checkpoints=5)
+    out = str(tmp_path / "out")
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(29800 + os.getpid() % 100),
+           str(script), "--ds_config", cfg, "--output_dir", out, "--checkpoint_errors", policy]
+    r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    printed = r.stdout + r.stderr
+    assert "checkpoints/step_00000004 could not be written: rank 1: No space left on device" in printed, printed[-3000:]
+    assert not os.path.isdir(os.path.join(out, "checkpoints", "step_00000004"))
+    assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith(".tmp-")]
+    if policy == "stop":
+        assert r.returncode == 4, (r.returncode, printed[-3000:])  # every rank, and the launcher, exit 4
+        assert checkpoint.latest_checkpoint(out).endswith("step_00000002")
+        assert "Traceback" not in printed
+        resumed = run_train(["--ds_config", cfg, "--output_dir", out, "--resume", "auto"], ranks=2)  # it loads
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert sorted(losses(out)) == list(range(1, 7))
+    else:
+        assert r.returncode == 0, printed[-3000:]
+        assert "training goes on" in printed
+        assert checkpoint.latest_checkpoint(out).endswith("step_00000006")
+        assert sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")) == \
+            ["step_00000002", "step_00000006"]

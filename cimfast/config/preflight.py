@@ -129,12 +129,16 @@ def report(error: Exception, debug: bool) -> int:
 
 
 def guarded(body: Callable[[], int], argv) -> int:
-    """Run an entry point's body, turning an ``InputError`` into one line and exit code 2."""
+    """Run an entry point's body, turning an ``InputError`` into one line and exit code 2,
+    a checkpoint that could not be written into one line and exit code 4."""
     debug = "--debug" in (sys.argv if argv is None else argv)
     try:
         return body()
     except InputError as e:
         return report(e, debug)
+    except checkpoint.CheckpointWriteError as e:  # one line on every rank, its own exit code
+        print(f"cimfast: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def run_and_exit(main: Callable[[], int]) -> None:

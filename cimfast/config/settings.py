@@ -169,6 +169,9 @@ class RunConfig:
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept (older ones are deleted)"})
     image_interval: int = field(default=100, metadata={"help": "steps between PNG pictures (0: only at the end)"})
     max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
+    checkpoint_errors: str = field(default="stop", metadata={
+        "help": "a checkpoint that cannot be written (full disk, I/O error, on any rank): stop (exit 4) or warn "
+                "and train on; the last checkpoint of a run (end, signal, non-finite stop) always stops"})
     num_workers: int = field(default=2, metadata={
         "help": "DataLoader workers (torch pipeline) or Python source worker processes (DALI pipeline)"})
     pipeline: str = field(default="auto", metadata={
@@ -216,6 +219,7 @@ class RunConfig:
             need(getattr(self, k) >= 0, k, "must not be negative")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         need(self.max_nonfinite >= 1, "max_nonfinite", "must be at least 1")
+        need(self.checkpoint_errors in ("stop", "warn"), "checkpoint_errors", "must be stop or warn")
         need(self.demo_samples > 0, "demo_samples", "must be positive")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         need(self.data_path is None or bool(self.data_path), "data_path", "must not be empty")

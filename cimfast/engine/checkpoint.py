@@ -51,6 +51,73 @@ def _barrier():
         dist.barrier()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a file too large, an I/O
+    error), on any rank; the previous checkpoint stays the newest complete one."""
+
+    exit_code = 4
+
+
+def _failed_ranks(error: Exception | None) -> list[int]:
+    """The ranks whose part of the save failed, known to every rank: one all-reduce,
+    where a barrier stood (a rank that raised alone would leave the others waiting)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0] if error is not None else []
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(dist.get_world_size(), device=device)
+    flags[dist.get_rank()] = float(error is not None)
+    dist.all_reduce(flags)
+    return [int(r) for r in torch.nonzero(flags).flatten().tolist()]
+
+
+# The barriers DeepSpeed's save_checkpoint runs on every rank (0.19.8, ZeRO 0-2 without MoE: one
+# before the files are written, one after). A rank whose write failed runs the ones it skipped.
+SAVE_BARRIERS = 2
+
+
+def _save_engine(engine, tmp_root: str, tag: str) -> Exception | None:
+    """``engine.save_checkpoint``, its write error (each rank writes its own shards)
+    returned instead of raised once this rank has taken part in every barrier the
+    others run, so that none is left waiting. ZeRO-3 gathers weights while saving:
+    there a failure is raised as it comes."""
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    passed, real_barrier = [0], dist.barrier
+
+    def counted(*args, **kwargs):
+        passed[0] += 1
+        return real_barrier(*args, **kwargs)
+
+    dist.barrier = counted
+    try:
+        engine.save_checkpoint(tmp_root, tag=tag, save_latest=False)
+        return None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if stage >= 3 or getattr(engine, "has_moe_layers", False):
+            raise
+        error = e
+    finally:
+        dist.barrier = real_barrier
+    if dist.is_available() and dist.is_initialized():
+        for _ in range(SAVE_BARRIERS - passed[0]):
+            dist.barrier()
+    return error
+
+
+def _check_written(error: Exception | None, rank: int, path: str, tmp_root: str) -> None:
+    """Raise ``CheckpointWriteError`` on every rank when any rank failed, after rank 0
+    removed the partial checkpoint."""
+    failed = _failed_ranks(error)
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    cause = f"{error.strerror or error}" if isinstance(error, OSError) else str(error)
+    where = f"rank {rank}: {cause} ({getattr(error, 'filename', None) or path})" if error is not None else \
+        f"rank(s) {', '.join(map(str, failed))} (their log names the cause)"
+    raise CheckpointWriteError(f"checkpoint {path} could not be written: {where}; the newest complete checkpoint "
+                               f"is still {latest_checkpoint(os.path.dirname(os.path.dirname(path)))}")
+
+
 def finished_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
@@ -84,19 +151,23 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int, rank: int) 
                 stale = os.path.join(root, d)
                 shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.unlink(stale)
     _barrier()
-    engine.save_checkpoint(tmp_root, tag=tag, save_latest=False)
-    _barrier()
+    error = _save_engine(engine, tmp_root, tag)
+    _check_written(error, rank, final, tmp_root)
     if rank == 0:
-        write_text_atomically(os.path.join(tmp_root, tag, STATE_FILE), json.dumps(state, indent=1), fsync=True)
-        if os.path.isdir(final):  # the same step saved twice (e.g. end of run after an interval save)
-            shutil.rmtree(final)
-        os.replace(os.path.join(tmp_root, tag), final)
-        _fsync_dir(root)
-        write_text_atomically(os.path.join(root, "latest"), tag, fsync=True)
+        try:
+            write_text_atomically(os.path.join(tmp_root, tag, STATE_FILE), json.dumps(state, indent=1), fsync=True)
+            if os.path.isdir(final):  # the same step saved twice (e.g. end of run after an interval save)
+                shutil.rmtree(final)
+            os.replace(os.path.join(tmp_root, tag), final)  # from here on the checkpoint is complete
+            _fsync_dir(root)
+            write_text_atomically(os.path.join(root, "latest"), tag, fsync=True)
+        except OSError as e:
+            error = e
+    _check_written(error, rank, final, tmp_root)
+    if rank == 0:
         shutil.rmtree(tmp_root, ignore_errors=True)
         for old in finished_checkpoints(root)[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier()
     return final
 
 

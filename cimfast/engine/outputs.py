@@ -67,7 +67,13 @@ class Outputs:
         state.update(step=step, config=self.job.config, reason=reason, job=self.job.name)
         if self.job.state is not None:
             state["job_state"] = self.job.state()
-        path = checkpoint.save(self.engine, self.run.output_dir, step, state, self.run.keep_checkpoints, self.rank)
+        try:
+            path = checkpoint.save(self.engine, self.run.output_dir, step, state, self.run.keep_checkpoints, self.rank)
+        except checkpoint.CheckpointWriteError as e:
+            if self.run.checkpoint_errors != "warn" or reason != "interval":  # nothing later would save the work
+                raise
+            log.warning("%s; training goes on (--checkpoint_errors warn)", e)
+            return
         if self.rank == 0:
             log.info("checkpoint (%s): %s", reason, path)
 
