@@ -478,3 +478,19 @@ def test_a_checkpoint_write_failing_on_rank_1_keeps_the_previous_one(tmp_path, p
         assert checkpoint.latest_checkpoint(out).endswith("step_00000006")
         assert sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")) == \
             ["step_00000002", "step_00000006"]
+
+
+def test_checkpoints_by_the_clock_on_two_ranks(tmp_path):
+    """--checkpoint_minutes: a checkpoint at the first step boundary past the time, decided by
+    all ranks together (in the step's one host-side all-reduce), beside the end checkpoint."""
+    cfg = ds_config(str(tmp_path), "clock", steps=4, keep_checkpoints=10)
+    out = str(tmp_path / "out")
+    r = run_train(["--ds_config", cfg, "--output_dir", out, "--checkpoint_minutes", "0.0001"], ranks=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    root = checkpoint.checkpoint_root(out)
+    reasons = {d: checkpoint.read_state(os.path.join(root, d))["reason"] for d in checkpoint.finished_checkpoints(root)}
+    assert reasons == {"step_00000001": "clock", "step_00000002": "clock", "step_00000003": "clock",
+                       "step_00000004": "end"}, reasons
+    r = run_train(["--ds_config", cfg, "--output_dir", str(tmp_path / "off"), "--checkpoint_minutes", "60"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint.finished_checkpoints(checkpoint.checkpoint_root(str(tmp_path / "off"))) == ["step_00000004"]

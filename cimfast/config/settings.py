@@ -166,6 +166,9 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "run seed: data order, crops, masks, token draws"})
     log_interval: int = field(default=10, metadata={"help": "steps between metric lines (the only host syncs)"})
     checkpoint_interval: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    checkpoint_minutes: float = field(default=0.0, metadata={
+        "help": "also checkpoint at the first step that ends this many minutes after the last checkpoint "
+                "(wall clock; 0: off); beside checkpoint_interval, counted in keep_checkpoints"})
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept (older ones are deleted)"})
     image_interval: int = field(default=100, metadata={"help": "steps between PNG pictures (0: only at the end)"})
     max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
@@ -220,6 +223,7 @@ class RunConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         need(self.max_nonfinite >= 1, "max_nonfinite", "must be at least 1")
         need(self.checkpoint_errors in ("stop", "warn"), "checkpoint_errors", "must be stop or warn")
+        need(self.checkpoint_minutes >= 0, "checkpoint_minutes", "must not be negative")
         need(self.demo_samples > 0, "demo_samples", "must be positive")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         need(self.data_path is None or bool(self.data_path), "data_path", "must not be empty")

@@ -154,10 +154,11 @@ def deepspeed_launcher() -> tuple[int, int] | None:
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the step.
 
-    ``agreed()`` tells whether any rank was asked, at every step boundary: a
-    host-side all-reduce of one CPU integer on a gloo group (the default
+    ``agreed(due)`` tells, at every step boundary, whether any rank was asked
+    to stop and whether any rank's clock says a checkpoint is due: one
+    host-side all-reduce of two CPU integers on a gloo group (the default
     group on CPU runs, an extra one next to NCCL), so the device is never
-    read for it.
+    read for it, and ranks whose clocks differ still agree.
 
     A ``deepspeed`` command killed on its own (``kill PID``) does not pass the
     signal on: its per-node launcher and the ranks would train on as orphans.
@@ -192,11 +193,13 @@ class StopRequest:
         if signum == signal.SIGINT:  # a second Ctrl-C stops at once; repeated SIGTERMs
             signal.signal(signum, signal.SIG_DFL)  # (launchers forward them) are absorbed
 
-    def agreed(self) -> bool:
+    def agreed(self, due: bool = False) -> tuple[bool, bool]:
+        """(stop, checkpoint due) as every rank sees them; ``due``: this rank's clock."""
         if self._launcher_orphaned():
             self.requested = True
         if self.world == 1:
-            return self.requested
-        flag = torch.tensor([int(self.requested)])  # a CPU tensor: never a device read
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.numpy()[0])
+            return self.requested, due
+        flags = torch.tensor([int(self.requested), int(due)])  # a CPU tensor: never a device read
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        stop, due = flags.tolist()
+        return bool(stop), bool(due)

@@ -220,7 +220,9 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
             if code:
                 break
             meter.since += outputs.periodic(state, step)  # evaluation time stays out of the throughput
-            stopped = stopper.agreed()
+            stopped, due = stopper.agreed(outputs.clock_due())
+            if due and not stopped and step < run.max_steps:
+                outputs.save(state, step, "clock")
         state["nonfinite_total"] = guard.total_now()
         outputs.finish(state, step, code, stopped)
     except BaseException:

@@ -41,6 +41,7 @@ class Outputs:
         self.job, self.run, self.engine, self.rank = job, run, engine, rank
         self.writer = MetricsWriter(run.output_dir, step) if rank == 0 else None
         self.bar = None
+        self.saved_at = time.monotonic()  # --checkpoint_minutes count from the start of the run
         self._redirect = None
         if rank == 0 and run.progress and terminal_columns() > 0:
             # A bar is for a terminal; into a file (a cluster's log) its redraws are one long
@@ -67,10 +68,11 @@ class Outputs:
         state.update(step=step, config=self.job.config, reason=reason, job=self.job.name)
         if self.job.state is not None:
             state["job_state"] = self.job.state()
+        self.saved_at = time.monotonic()  # the clock restarts at every checkpoint, written or not
         try:
             path = checkpoint.save(self.engine, self.run.output_dir, step, state, self.run.keep_checkpoints, self.rank)
         except checkpoint.CheckpointWriteError as e:
-            if self.run.checkpoint_errors != "warn" or reason != "interval":  # nothing later would save the work
+            if self.run.checkpoint_errors != "warn" or reason not in ("interval", "clock"):  # nothing later saves it
                 raise
             log.warning("%s; training goes on (--checkpoint_errors warn)", e)
             return
@@ -121,6 +123,11 @@ class Outputs:
         if run.image_interval and step % run.image_interval == 0:
             self.picture(f"picture_step{step:08d}.png")
         return spent
+
+    def clock_due(self) -> bool:
+        """This rank's clock: --checkpoint_minutes have passed since the last checkpoint (or the start)."""
+        minutes = self.run.checkpoint_minutes
+        return bool(minutes) and time.monotonic() - self.saved_at >= 60 * minutes
 
     def advance(self) -> None:
         """One step done: the progress bar moves."""
