@@ -494,3 +494,36 @@ def test_checkpoints_by_the_clock_on_two_ranks(tmp_path):
     r = run_train(["--ds_config", cfg, "--output_dir", str(tmp_path / "off"), "--checkpoint_minutes", "60"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert checkpoint.finished_checkpoints(checkpoint.checkpoint_root(str(tmp_path / "off"))) == ["step_00000004"]
+
+
+def test_a_frozen_rank_ends_the_job_within_the_step_timeout(tmp_path):
+    """Rank 1 frozen with SIGSTOP mid-run (its sockets open, as a hung GPU's): rank 0, waiting
+    in a collective, ends within the step bound naming the step and phase, exit code 5; the
+    launcher ends the job and no process is left."""
+    psutil = pytest.importorskip("psutil")
+    cfg = ds_config(str(tmp_path), "frozen", steps=400)
+    out = str(tmp_path / "out")
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
+           os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", cfg, "--output_dir", out,
+           "--step_timeout_minutes", "0.25", "--long_timeout_minutes", "5"]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and max(losses(out), default=0) < 3:
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
+        frozen = next(p for p in ranks if "--local_rank=1" in " ".join(p.cmdline()))
+        frozen.suspend()
+        t0 = time.time()
+        printed, _ = proc.communicate(timeout=15 + 60 + 30)
+        took = time.time() - t0
+        left = [p.pid for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in ranks:  # never leave a stopped process behind, whatever the test found
+            if p.is_running():
+                p.kill()
+    assert proc.returncode != 0, printed[-3000:]
+    assert took <= 15 + 60, (took, printed[-3000:])
+    assert re.search(r"rank 0: no progress for \d+ s in step \d+ \(training step\)", printed), printed[-3000:]
+    assert "exit code 5" in printed and left == [], left

@@ -166,6 +166,11 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "run seed: data order, crops, masks, token draws"})
     log_interval: int = field(default=10, metadata={"help": "steps between metric lines (the only host syncs)"})
     checkpoint_interval: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    step_timeout_minutes: float = field(default=10.0, metadata={
+        "help": "a training step (its collectives and data included) that makes no progress this long ends the "
+                "run with exit code 5, naming the step and phase (a rank that stopped answering); 0: off"})
+    long_timeout_minutes: float = field(default=60.0, metadata={
+        "help": "the same bound for start-up, the first step (compilation), evaluations, checkpoints, pictures"})
     checkpoint_minutes: float = field(default=0.0, metadata={
         "help": "also checkpoint at the first step that ends this many minutes after the last checkpoint "
                 "(wall clock; 0: off); beside checkpoint_interval, counted in keep_checkpoints"})
@@ -224,6 +229,9 @@ class RunConfig:
         need(self.max_nonfinite >= 1, "max_nonfinite", "must be at least 1")
         need(self.checkpoint_errors in ("stop", "warn"), "checkpoint_errors", "must be stop or warn")
         need(self.checkpoint_minutes >= 0, "checkpoint_minutes", "must not be negative")
+        need(self.step_timeout_minutes >= 0, "step_timeout_minutes", "must not be negative")
+        need(self.long_timeout_minutes >= self.step_timeout_minutes, "long_timeout_minutes",
+             "must be at least step_timeout_minutes")
         need(self.demo_samples > 0, "demo_samples", "must be positive")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         need(self.data_path is None or bool(self.data_path), "data_path", "must not be empty")

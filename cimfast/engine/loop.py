@@ -24,6 +24,7 @@ from cimfast.engine.guards import NonFiniteGuard, StopRequest
 from cimfast.engine.metrics import Meter, peak_flops
 from cimfast.engine.outputs import Outputs
 from cimfast.engine.patches import remove_clip_sync
+from cimfast.engine.watchdog import StepWatchdog
 from cimfast.pipelines.prefetch import DevicePrefetcher
 
 log = logging.getLogger("cimfast")
@@ -199,6 +200,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
     meter = Meter(place.world, micro * gas * place.world, job.flops_per_image, peak, step)
     stopper = StopRequest(place.world)
     outputs = Outputs(job, run, engine, place.rank, step)
+    watchdog, first = StepWatchdog(run.step_timeout_minutes, run.long_timeout_minutes, place.rank), step
     log.info("%s: %d rank(s), micro-batch %d x %d accumulation = global batch %d; %s",
              job.name, place.world, micro, gas, micro * gas * place.world, job.summary)
 
@@ -208,6 +210,7 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
         if job.evaluate_first and step == 0:
             meter.since += outputs.evaluate(0)
         while step < run.max_steps and not stopped:
+            watchdog.enter("training step", step + 1, long=step == first)  # the first step compiles
             train_step(engine, job, batches, guard, meter, state, step)
             if guard.exhausted:  # host path: the micro-batches kept failing
                 code = nonfinite_stop(run.max_nonfinite)
@@ -219,14 +222,20 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
                               device=place.device, max_nonfinite=run.max_nonfinite)
             if code:
                 break
+            watchdog.enter("checkpoint, evaluation or picture", step, long=True)
             meter.since += outputs.periodic(state, step)  # evaluation time stays out of the throughput
+            watchdog.enter("the ranks' stop and clock agreement", step)
             stopped, due = stopper.agreed(outputs.clock_due())
             if due and not stopped and step < run.max_steps:
+                watchdog.enter("checkpoint by the clock", step, long=True)
                 outputs.save(state, step, "clock")
+        watchdog.enter("the last checkpoint, evaluation and picture", step, long=True)
         state["nonfinite_total"] = guard.total_now()
         outputs.finish(state, step, code, stopped)
     except BaseException:
+        watchdog.close()
         outputs.abandon()  # what was logged reaches the disk before the error propagates
         raise
+    watchdog.close()
     outputs.close(step)
     return code
