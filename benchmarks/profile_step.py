@@ -106,10 +106,22 @@ class Phases:
         enh_loss, diagnostics = self.model.enhancer_loss(out, images, gen.replaced)
         return self.model.combine(gen, enh_loss, diagnostics, ids, pos, mask)
 
+    def forward(self, b: dict, phase) -> dict:
+        """The step's forward from a batch, phase by phase: ``phase(name, fn, *args)`` calls each."""
+        m, f = self.model, self.fns
+        images, images_tok = as_unit(b["images"]), as_unit(b["images_tok"])
+        mask, keys = b["mask"].bool(), b["sample_key"]
+        ids = phase("tokenize", f["tokenize"], images_tok)
+        pos = m.masked_positions(mask)
+        logits = phase("generator", f["generator"], images, mask, pos)
+        gen = phase("sample_ce", f["sample_ce"], logits, ids, mask, keys, pos)
+        corrupted = phase("decode", f["decode"], gen.corrupted, images.shape[-2:])
+        out = phase("enhancer", f["enhancer"], corrupted)
+        return phase("loss", f["loss"], gen, out, images, ids, pos, mask)
+
     def run(self, batch_fn, mark, guard, flops: dict | None = None) -> torch.Tensor:
         """One phased step; ``mark()`` between phases. With ``flops``, each phase's
         FLOPs are counted into it (eager only). Returns the loss (detached)."""
-        m, f = self.model, self.fns
 
         def phase(name, fn, *args):
             if flops is None:
@@ -122,16 +134,7 @@ class Phases:
             return out
 
         mark()
-        b = phase("data", batch_fn)
-        images, images_tok = as_unit(b["images"]), as_unit(b["images_tok"])
-        mask, keys = b["mask"].bool(), b["sample_key"]
-        ids = phase("tokenize", f["tokenize"], images_tok)
-        pos = m.masked_positions(mask)
-        logits = phase("generator", f["generator"], images, mask, pos)
-        gen = phase("sample_ce", f["sample_ce"], logits, ids, mask, keys, pos)
-        corrupted = phase("decode", f["decode"], gen.corrupted, images.shape[-2:])
-        out = phase("enhancer", f["enhancer"], corrupted)
-        result = phase("loss", f["loss"], gen, out, images, ids, pos, mask)
+        result = self.forward(phase("data", batch_fn), phase)
         phase("backward", self.engine.backward, result["loss"])
         guard.before_update()
         phase("optimizer", self.engine.step)
@@ -321,13 +324,7 @@ def check_phases_equal_forward(engine, phases: Phases, batches) -> dict:
     b = next(batches)
     with torch.no_grad():
         whole = engine.module.forward(b["images"], b["images_tok"], b["mask"], b["sample_key"])["loss"]
-        m, f = phases.model, phases.fns
-        images, images_tok, mask = as_unit(b["images"]), as_unit(b["images_tok"]), b["mask"].bool()
-        ids = f["tokenize"](images_tok)
-        pos = m.masked_positions(mask)
-        gen = f["sample_ce"](f["generator"](images, mask, pos), ids, mask, b["sample_key"], pos)
-        out = f["enhancer"](f["decode"](gen.corrupted, images.shape[-2:]))
-        phased = f["loss"](gen, out, images, ids, pos, mask)["loss"]
+        phased = phases.forward(b, lambda name, fn, *args: fn(*args))["loss"]
     diff = float((whole.float() - phased.float()).abs())
     return {"forward_loss": float(whole), "phased_loss": float(phased), "abs_diff": diff}
 

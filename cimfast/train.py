@@ -44,7 +44,9 @@ def pretrain(argv) -> int:
     cfg, run, ds_cfg, ds_path = parse_command(argv)
     fill_auto(ds_cfg, run)
     check_run(run, "cim")  # every input error before DeepSpeed starts and before anything is written
-    check_tokenizer_switches(run, cuda=torch.cuda.is_available())
+    # the CUDA defaults resolved for the device init_distributed will pick, so the switches are checked
+    # against what they become, before anything starts
+    check_tokenizer_switches(resolve_cuda_defaults(run, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     if nothing_left(run, "cim"):  # a finished run resumed: nothing set up, written or evaluated again
         return 0
     tokenizer = build_tokenizer(cfg)
@@ -138,18 +140,16 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
                        f"image per step (tokenizer {flops['tokenizer'] / 1e9:.2f})")
 
 
-def check_tokenizer_switches(run: RunConfig, cuda: bool) -> None:
+def check_tokenizer_switches(run: RunConfig) -> None:
     """The tokenizer's speed switches need what they modify: an error, not a switch silently off.
-    Unset CUDA defaults count as what they become (``resolve_cuda_defaults``)."""
-    bf16 = run.tokenizer_bf16 if run.tokenizer_bf16 is not None else cuda
-    compiled = run.compile if run.compile is not None else cuda
-    if run.tokenizer_io_bf16 and not bf16:
+    ``run``'s CUDA defaults are resolved (``resolve_cuda_defaults``)."""
+    if run.tokenizer_io_bf16 and not run.tokenizer_bf16:
         raise ConfigError("tokenizer_io_bf16: needs --tokenizer_bf16 (the input and output convolutions join the "
                           "bf16 fast path)")
-    if run.tokenizer_fp8_logits and cuda and torch.cuda.get_device_capability() < (9, 0):
+    if run.tokenizer_fp8_logits and torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
         raise ConfigError(f"tokenizer_fp8_logits: needs a GPU with row-wise scaled FP8 matmuls (sm_90 or newer); "
                           f"this one is sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
-    if run.tokenizer_fuse and not (compiled and (bf16 or run.tokenizer_fp8_logits)):
+    if run.tokenizer_fuse and not (run.compile and (run.tokenizer_bf16 or run.tokenizer_fp8_logits)):
         raise ConfigError("tokenizer_fuse: needs --compile and the tokenizer's fast path (--tokenizer_bf16)")
 
 

@@ -96,7 +96,16 @@ def test_tokenizer_speed_switches_refuse_what_they_cannot_modify():
     """A switch whose host setting is off is an error naming both, not a switch quietly doing nothing."""
     from cimfast.config.settings import ConfigError
     from cimfast.finetune import GROUPS, UNUSED
-    from cimfast.train import check_tokenizer_switches
+    import dataclasses
+
+    import torch
+
+    from cimfast.engine.distributed import resolve_cuda_defaults
+    from cimfast.train import check_tokenizer_switches as check
+
+    def check_tokenizer_switches(run, cuda):  # as the run resolves its defaults on that device
+        check(resolve_cuda_defaults(dataclasses.replace(run), torch.device("cuda" if cuda else "cpu")))
+        torch.backends.cudnn.benchmark = False
 
     _, run, _, _ = parse(["--tokenizer_io_bf16", "--no-tokenizer_bf16"])
     with pytest.raises(ConfigError, match="tokenizer_io_bf16: needs --tokenizer_bf16"):

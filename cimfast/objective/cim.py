@@ -174,7 +174,6 @@ class CIMModel(nn.Module):
                       # what CIM learned, beside what a trivial predictor reaches
                       "code_counts": code_counts(ids.reshape(-1)[pos], self.tokenizer.vocab_size),
                       **diagnostics}
-        result["loss"] = loss
         return result
 
     @torch.no_grad()

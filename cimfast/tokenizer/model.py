@@ -136,7 +136,9 @@ def _group(blocks, resample=None):
 class Encoder(nn.Module):
     def __init__(self, spec: TokenizerSpec = DALLE_SPEC):
         super().__init__()
-        self.fp8_logits = False  # the 8192-way output convolution as an FP8 matmul (Tokenizer.fast)
+        # the output convolution's weight in FP8 and its scales, made once by Tokenizer.fast (frozen weights)
+        self.register_buffer("fp8_weight", None, persistent=False)
+        self.register_buffer("fp8_scale", None, persistent=False)
         h, nb = spec.n_hid, spec.n_blk_per_group
         n_layers = spec.group_count * nb
         widths = [h, 2 * h, 4 * h, 8 * h]
@@ -157,10 +159,26 @@ class Encoder(nn.Module):
                 ("relu", nn.ReLU()), ("conv", Conv2d(8 * h, spec.vocab_size, 1))]))),
         ]))
 
+    @property
+    def fp8_logits(self) -> bool:
+        """Whether the 8192-way output convolution runs as an FP8 matmul."""
+        return self.fp8_weight is not None
+
+    def quantize_logits(self, on: bool) -> None:
+        """The output convolution's weight in FP8 (e4m3), one scale per output channel,
+        made once: the tokenizer never trains. Off: the plain convolution."""
+        if not on:
+            self.fp8_weight = self.fp8_scale = None
+            return
+        conv = self.blocks.output.conv
+        w = conv.w.detach().view(conv.n_out, conv.n_in).float()
+        self.fp8_scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [channels, 1]
+        self.fp8_weight = (w / self.fp8_scale).to(torch.float8_e4m3fn)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_logits:
             x = run_fast(((n, m) for n, m in self.blocks.named_children() if n != "output"), x)
-            return fp8_conv1x1(F.relu(x), self.blocks.output.conv)
+            return fp8_conv1x1(F.relu(x), self.fp8_weight, self.fp8_scale, self.blocks.output.conv.b)
         return run_fast(self.blocks.named_children(), x)
 
     def forward_official(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,21 +217,19 @@ def run_fast(children, x: torch.Tensor, out_channels: int | None = None) -> torc
 FP8_MAX = 448.0  # largest float8_e4m3fn
 
 
-def fp8_conv1x1(x: torch.Tensor, conv: Conv2d) -> torch.Tensor:
+def fp8_conv1x1(x: torch.Tensor, w8: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution as one FP8 (e4m3) matmul, scaled per pixel and per output
-    channel (``torch._scaled_mm``'s row-wise scales), bf16 out: for argmax-only
-    logits, where the rounding only matters at near-ties
-    (benchmarks/tokenizer_agreement.py measures how often)."""
+    channel (``torch._scaled_mm``'s row-wise scales; ``w8`` [out, in] and ``scale_w``
+    [out, 1] from ``Encoder.quantize_logits``), bf16 out: for argmax-only logits,
+    where the rounding only matters at near-ties (benchmarks/tokenizer_agreement.py
+    measures how often)."""
     B, C, H, W = x.shape
     a = x.permute(0, 2, 3, 1).reshape(-1, C).float()
-    w = conv.w.view(conv.n_out, C).float()
     scale_a = (a.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [pixels, 1]
-    scale_w = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [channels, 1]
     a8 = (a / scale_a).to(torch.float8_e4m3fn)
-    w8 = (w / scale_w).to(torch.float8_e4m3fn)
     y = torch._scaled_mm(a8, w8.t(), scale_a=scale_a, scale_b=scale_w.t(), out_dtype=torch.bfloat16)
-    y = y + conv.b.to(y.dtype)
-    return y.view(B, H, W, conv.n_out).permute(0, 3, 1, 2)
+    y = y + bias.to(y.dtype)
+    return y.view(B, H, W, w8.shape[0]).permute(0, 3, 1, 2)
 
 
 def run_in_own_dtypes(children, x: torch.Tensor) -> torch.Tensor:
@@ -325,8 +341,8 @@ class Tokenizer(nn.Module):
         if fp8_logits and (8 * self.spec.n_hid) % 16 or fp8_logits and self.spec.vocab_size % 16:
             raise ValueError(f"FP8 logits need the encoder's width ({8 * self.spec.n_hid}) and vocabulary "
                              f"({self.spec.vocab_size}) to be multiples of 16 (torch._scaled_mm)")
-        self.encoder.fp8_logits = fp8_logits
         self.to(memory_format=torch.channels_last)
+        self.encoder.quantize_logits(fp8_logits)  # after every cast: Module.to would cast FP8 too
         if compile:
             options = {"conv_1x1_as_mm": True, "max_autotune": True} if fuse else None
             self._run = tuple(torch.compile(part, dynamic=False, options=options)
