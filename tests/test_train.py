@@ -14,38 +14,7 @@ import torch
 from cimfast.engine import checkpoint
 from cimfast.engine.metrics import read_metrics
 from tests.labelled import make_labelled
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
-def ds_config(tmp, name, stage=2, batch=8, steps=6, **cim):
-    with open(os.path.join(ROOT, "configs", "ds_demo.json")) as f:
-        cfg = json.load(f)
-    cfg["train_batch_size"] = batch
-    cfg["zero_optimization"] = {"stage": stage}
-    # a fixed schedule, so runs of different --max_steps follow the same learning rates
-    cfg["scheduler"]["params"].update(total_num_steps=50, warmup_num_steps=3)
-    cfg["cimfast"] = {"preset": "tiny", "max_steps": steps, "log_interval": 1, "checkpoint_interval": 0,
-                      "image_interval": 0, "num_workers": 0, "demo_samples": 256, "progress": False, **cim}
-    path = os.path.join(tmp, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return path
-
-
-def run_train(args, ranks=1, timeout=600, **popen):
-    if ranks == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "cimfast", "train.py")]
-    else:
-        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-               os.path.join(ROOT, "cimfast", "train.py")]
-    return subprocess.run(cmd + args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **popen)
-
-
-def losses(out_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+from tests.runs import BIN, ENV, ROOT, ds_config, free_port, losses, run_train
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +29,10 @@ def runs(tmp_path_factory):
     r = run_train(["--ds_config", cfg, "--output_dir", one, "--image_interval", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     two = os.path.join(tmp, "two")
-    r2 = run_train(["--ds_config", cfg, "--output_dir", two], ranks=2)
+    port = free_port()
+    r2 = run_train(["--ds_config", cfg, "--output_dir", two], ranks=2, port=port)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
-    return {"tmp": tmp, "cfg": cfg, "one": one, "two": two, "two_printed": r2.stdout + r2.stderr}
+    return {"tmp": tmp, "cfg": cfg, "one": one, "two": two, "two_printed": r2.stdout + r2.stderr, "port": port}
 
 
 def test_one_and_two_ranks_agree_zero2(runs):
@@ -75,7 +45,7 @@ def test_one_and_two_ranks_agree_zero2(runs):
 def test_a_cpu_run_leaves_no_shared_memory_behind(runs):
     """DeepSpeed's CPU all-reduce (under its launcher) maps a 69 MB /dev/shm file per rank,
     named by the master port, and never unlinks it: memory lost until reboot, run after run."""
-    port = str(29500 + os.getpid() % 1000)
+    port = runs["port"]
     # the 2-rank run under the launcher had DeepSpeed's shared-memory all-reduce (on each rank)
     assert runs["two_printed"].count("deepspeed_shm_comm_op built successfully") == 2
     left = [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f]
@@ -107,7 +77,7 @@ def test_bf16_under_torchrun(tmp_path):
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
     out = str(tmp_path / "bf16")
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "1", "--master_port", str(30500 + os.getpid() % 1000),
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "1", "--master_port", free_port(),
            os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", cfg_path, "--output_dir", out]
     r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -429,101 +399,3 @@ def test_pictures_run_eagerly_beside_the_compiled_step(tmp_path):
         b = fixed_batch(build_dataset(cfg, run), 2)
         with pytest.raises(Exception, match="compiled module was called"):  # the refusal is armed
             job.model(b["images"], b["images_tok"], b["mask"], b["sample_key"])
-
-
-FULL_DISK_ON_RANK_1 = r"""
-import errno, os, sys, torch
-real_save = torch.save
-
-
-def save(obj, f, *args, **kwargs):  # rank 1's ZeRO shard of the step-4 checkpoint meets a full disk
-    if os.environ.get("RANK") == "1" and "step_00000004" in str(f):
-        raise OSError(errno.ENOSPC, "No space left on device", str(f))
-    return real_save(obj, f, *args, **kwargs)
-
-
-torch.save = save
-sys.argv = ["train.py", *sys.argv[1:]]
-from cimfast.train import cli
-cli()
-"""
-
-
-@pytest.mark.parametrize("policy", ["stop", "warn"])
-def test_a_checkpoint_write_failing_on_rank_1_keeps_the_previous_one(tmp_path, policy):
-    """ENOSPC on a non-zero rank: every rank learns it, the step-2 checkpoint stays the newest
-    complete one and loads; "stop" ends the run with one line naming the path and the cause
-    and exit code 4, "warn" trains on and checkpoints at the end."""
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK_ON_RANK_1)
-    cfg = ds_config(str(tmp_path), "ckpt", steps=6, checkpoint_interval=2, keep_checkpoints=5)
-    out = str(tmp_path / "out")
-    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(29800 + os.getpid() % 100),
-           str(script), "--ds_config", cfg, "--output_dir", out, "--checkpoint_errors", policy]
-    r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    printed = r.stdout + r.stderr
-    assert "checkpoints/step_00000004 could not be written: rank 1: No space left on device" in printed, printed[-3000:]
-    assert not os.path.isdir(os.path.join(out, "checkpoints", "step_00000004"))
-    assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith(".tmp-")]
-    if policy == "stop":
-        assert r.returncode == 4, (r.returncode, printed[-3000:])  # every rank, and the launcher, exit 4
-        assert checkpoint.latest_checkpoint(out).endswith("step_00000002")
-        assert "Traceback" not in printed
-        resumed = run_train(["--ds_config", cfg, "--output_dir", out, "--resume", "auto"], ranks=2)  # it loads
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert sorted(losses(out)) == list(range(1, 7))
-    else:
-        assert r.returncode == 0, printed[-3000:]
-        assert "training goes on" in printed
-        assert checkpoint.latest_checkpoint(out).endswith("step_00000006")
-        assert sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")) == \
-            ["step_00000002", "step_00000006"]
-
-
-def test_checkpoints_by_the_clock_on_two_ranks(tmp_path):
-    """--checkpoint_minutes: a checkpoint at the first step boundary past the time, decided by
-    all ranks together (in the step's one host-side all-reduce), beside the end checkpoint."""
-    cfg = ds_config(str(tmp_path), "clock", steps=4, keep_checkpoints=10)
-    out = str(tmp_path / "out")
-    r = run_train(["--ds_config", cfg, "--output_dir", out, "--checkpoint_minutes", "0.0001"], ranks=2)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    root = checkpoint.checkpoint_root(out)
-    reasons = {d: checkpoint.read_state(os.path.join(root, d))["reason"] for d in checkpoint.finished_checkpoints(root)}
-    assert reasons == {"step_00000001": "clock", "step_00000002": "clock", "step_00000003": "clock",
-                       "step_00000004": "end"}, reasons
-    r = run_train(["--ds_config", cfg, "--output_dir", str(tmp_path / "off"), "--checkpoint_minutes", "60"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert checkpoint.finished_checkpoints(checkpoint.checkpoint_root(str(tmp_path / "off"))) == ["step_00000004"]
-
-
-def test_a_frozen_rank_ends_the_job_within_the_step_timeout(tmp_path):
-    """Rank 1 frozen with SIGSTOP mid-run (its sockets open, as a hung GPU's): rank 0, waiting
-    in a collective, ends within the step bound naming the step and phase, exit code 5; the
-    launcher ends the job and no process is left."""
-    psutil = pytest.importorskip("psutil")
-    cfg = ds_config(str(tmp_path), "frozen", steps=400)
-    out = str(tmp_path / "out")
-    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(29900 + os.getpid() % 90),
-           os.path.join(ROOT, "cimfast", "train.py"), "--ds_config", cfg, "--output_dir", out,
-           "--step_timeout_minutes", "0.25", "--long_timeout_minutes", "5"]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ranks = []
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and max(losses(out), default=0) < 3:
-            time.sleep(0.2)
-        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
-        frozen = next(p for p in ranks if "--local_rank=1" in " ".join(p.cmdline()))
-        frozen.suspend()
-        t0 = time.time()
-        printed, _ = proc.communicate(timeout=15 + 60 + 30)
-        took = time.time() - t0
-        left = [p.pid for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        for p in ranks:  # never leave a stopped process behind, whatever the test found
-            if p.is_running():
-                p.kill()
-    assert proc.returncode != 0, printed[-3000:]
-    assert took <= 15 + 60, (took, printed[-3000:])
-    assert re.search(r"rank 0: no progress for \d+ s in step \d+ \(training step\)", printed), printed[-3000:]
-    assert "exit code 5" in printed and left == [], left
