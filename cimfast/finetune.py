@@ -241,7 +241,7 @@ def finetune(argv) -> int:
     fcfg, run, ds_cfg, ds_path = parse_command(argv)
     check_run(run, "finetune")
     train_path, val_path = resolve_paths(fcfg.train_path, fcfg.val_path, run.cache_dir)
-    place = init_distributed()
+    place = init_distributed(run.long_timeout_minutes)  # start-up may take long; run_job shortens it
     job = setup(fcfg, run, ds_cfg, ds_path, train_path, val_path, place, argv=sys.argv[1:] if argv is None else argv)
     code = run_job(job, run, ds_cfg, place)
     finish()

@@ -162,7 +162,7 @@ def train_tokenizer(argv) -> int:
     check_run(run, "dvae")
     if nothing_left(run, "dvae"):  # a finished run resumed: nothing set up, written or evaluated again
         return 0
-    place = init_distributed()
+    place = init_distributed(run.long_timeout_minutes)  # start-up may take long; run_job shortens it
     job, heldout = setup(tcfg, run, ds_cfg, place)
     code = run_job(job, run, ds_cfg, place)
     ended = code == 0 and checkpoint.read_state(checkpoint.latest_checkpoint(run.output_dir))["reason"] == "end"

@@ -50,7 +50,7 @@ def pretrain(argv) -> int:
     if nothing_left(run, "cim"):  # a finished run resumed: nothing set up, written or evaluated again
         return 0
     tokenizer = build_tokenizer(cfg)
-    place = init_distributed()
+    place = init_distributed(run.long_timeout_minutes)  # start-up may take long; run_job shortens it
     code = run_job(setup(cfg, run, ds_cfg, ds_path, tokenizer, place), run, ds_cfg, place)
     finish()
     return code

@@ -315,3 +315,25 @@ def test_fp16_checkpoint_state_passes_the_safe_load(tmp_path):
     torch.save({"loss_scaler": scaler, "w": torch.zeros(3)},
                tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     verify_files(str(tmp_path))
+
+
+def test_the_watchdog_switches_the_group_timeouts_only_when_the_bound_changes():
+    """Training phases get the step bound, long phases the long bound, as the process groups'
+    collective timeout too; an unchanged bound sets nothing."""
+    from cimfast.engine.watchdog import StepWatchdog
+
+    set_to = []
+    dog = StepWatchdog(0.5, 5, rank=0, retime=set_to.append)
+    try:
+        dog.enter("training step", 1, long=True)  # the first step compiles: still the start-up bound
+        dog.enter("checkpoint, evaluation or picture", 1, long=True)
+        dog.enter("the ranks' stop and clock agreement", 1)
+        dog.enter("training step", 2)
+        dog.enter("checkpoint, evaluation or picture", 2, long=True)
+        assert set_to == [30.0, 300.0]
+        assert dog.where() == "step 2 (checkpoint, evaluation or picture)"
+    finally:
+        dog.close()
+    off = StepWatchdog(0, 5, rank=0, retime=set_to.append)  # no watchdog: the groups keep their timeouts
+    off.enter("training step", 1)
+    assert set_to == [30.0, 300.0]

@@ -7,6 +7,8 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -93,8 +95,9 @@ class Place:
     device: torch.device
 
 
-def init_distributed() -> Place:
-    """The process group (NCCL on CUDA, gloo on the CPU) and this process's place in it."""
+def init_distributed(timeout_minutes: Optional[float] = None) -> Place:
+    """The process group (NCCL on CUDA, gloo on the CPU) and this process's place in it.
+    ``timeout_minutes``: its collectives' timeout through start-up (None: DeepSpeed's default)."""
     fill_rendezvous_env()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +105,8 @@ def init_distributed() -> Place:
 
     check_port()
     try:
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
     except Exception as e:  # the store's port taken between the check and now, or by another host
         if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
             raise InputError(f"port {os.environ.get('MASTER_PORT')} (MASTER_PORT) is in use: pass a free one "
@@ -117,6 +121,18 @@ def init_distributed() -> Place:
     if get_accelerator().device_name() == "cpu":  # DS_ACCELERATOR=cpu, with or without a GPU
         unlink_shm_allreduce_name()
     return Place(dist.get_rank(), dist.get_world_size(), device)
+
+
+def set_group_timeouts(seconds: float) -> None:
+    """Every process group of this rank (the default one, DeepSpeed's and ZeRO's, cimfast's
+    own gloo group) fails a collective begun from now on after ``seconds``. DeepSpeed's
+    shared-memory all-reduce of CPU runs on one host has no timeout: the step watchdog
+    bounds it instead."""
+    if not dist.is_initialized():
+        return
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # older torch
+    for group in list(dist.distributed_c10d._world.pg_map):
+        set_timeout(timedelta(seconds=seconds), group)
 
 
 SHM_DIR = "/dev/shm"

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from cimfast.config.preflight import clear_previous_run, nothing_left_message
 from cimfast.config.settings import InputError, RunConfig
 from cimfast.engine import checkpoint
-from cimfast.engine.distributed import Place
+from cimfast.engine.distributed import Place, set_group_timeouts
 from cimfast.engine.guards import NonFiniteGuard, StopRequest
 from cimfast.engine.metrics import Meter, peak_flops
 from cimfast.engine.outputs import Outputs
@@ -200,7 +200,8 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
     meter = Meter(place.world, micro * gas * place.world, job.flops_per_image, peak, step)
     stopper = StopRequest(place.world)
     outputs = Outputs(job, run, engine, place.rank, step)
-    watchdog, first = StepWatchdog(run.step_timeout_minutes, run.long_timeout_minutes, place.rank), step
+    watchdog = StepWatchdog(run.step_timeout_minutes, run.long_timeout_minutes, place.rank, set_group_timeouts)
+    first = step
     log.info("%s: %d rank(s), micro-batch %d x %d accumulation = global batch %d; %s",
              job.name, place.world, micro, gas, micro * gas * place.world, job.summary)
 
@@ -232,9 +233,9 @@ def run_job(job: Job, run: RunConfig, ds_cfg: dict, place: Place) -> int:
         watchdog.enter("the last checkpoint, evaluation and picture", step, long=True)
         state["nonfinite_total"] = guard.total_now()
         outputs.finish(state, step, code, stopped)
-    except BaseException:
-        watchdog.close()
+    except BaseException as e:
         outputs.abandon()  # what was logged reaches the disk before the error propagates
+        watchdog.failed(e)
         raise
     watchdog.close()
     outputs.close(step)

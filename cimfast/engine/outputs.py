@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -116,12 +117,19 @@ class Outputs:
         run = self.run
         spent = 0.0
         every = self.job.eval_interval
-        if every and step % every == 0 and step < run.max_steps:  # the last one follows the end checkpoint
+        evaluate = every and step % every == 0 and step < run.max_steps  # the last one follows the end checkpoint
+        save = run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps
+        picture = run.image_interval and step % run.image_interval == 0
+        if evaluate:
             spent = self.evaluate(step)
-        if run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps:
+        if save:
             self.save(state, step, "interval")
-        if run.image_interval and step % run.image_interval == 0:
+        if picture:
             self.picture(f"picture_step{step:08d}.png")
+        if (evaluate or save or picture) and dist.is_initialized() and dist.get_world_size() > 1:
+            # the ranks leave these long phases together: a rank done early would otherwise wait
+            # for rank 0 in the next step's collectives, under the short training timeout
+            dist.barrier()
         return spent
 
     def clock_due(self) -> bool:

@@ -8,7 +8,13 @@ its compilation, evaluations, checkpoints, pictures). When a bound passes,
 the process prints which step and phase it was in, dumps every thread's
 stack and exits with code 5; the launcher then ends the other ranks. A
 frozen rank (a hung GPU, a stopped node) so ends the job within the
-training bound, instead of the collective's own timeout (30 minutes)."""
+training bound, instead of the collective's own timeout (30 minutes).
+
+The same two bounds are the process groups' own timeouts (``retime``): a
+collective begun in a training phase fails after the training bound, one
+begun in a long phase (a rank-0 evaluation the others wait for) only after
+the long bound. That is the guard where the host thread never blocks (NCCL
+runs its collectives asynchronously and aborts them on its own timeout)."""
 from __future__ import annotations
 
 import faulthandler
@@ -16,15 +22,18 @@ import os
 import sys
 import threading
 import time
+from typing import Callable, Optional
 
 EXIT_STALLED = 5
 
 
 class StepWatchdog:
-    def __init__(self, step_minutes: float, long_minutes: float, rank: int):
+    def __init__(self, step_minutes: float, long_minutes: float, rank: int,
+                 retime: Optional[Callable[[float], None]] = None):
         self.step_s, self.long_s, self.rank = 60 * step_minutes, 60 * long_minutes, rank
         self.phase, self.step, self.bound = "start-up", 0, self.long_s
         self.since = time.monotonic()
+        self._retime = retime if step_minutes > 0 else None  # (seconds) -> None: the process groups' timeout
         self._done = threading.Event()
         self._thread = None
         if step_minutes > 0:
@@ -34,11 +43,30 @@ class StepWatchdog:
     def enter(self, phase: str, step: int, long: bool = False) -> None:
         """The loop is now in ``phase`` of ``step``: the clock restarts with that phase's bound."""
         self.phase, self.step = phase, step
-        self.bound = self.long_s if long else self.step_s
+        bound = self.long_s if long else self.step_s
+        if bound != self.bound and self._retime is not None:
+            self._retime(bound)
+        self.bound = bound
         self.since = time.monotonic()
+
+    def where(self) -> str:
+        return f"step {self.step} ({self.phase})"
 
     def close(self) -> None:
         self._done.set()
+
+    def failed(self, error: BaseException) -> None:
+        """The loop raised ``error``: say where. A collective that timed out (a peer stopped
+        answering) ends the process like the watchdog does, with exit code 5."""
+        self.close()
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return
+        timed_out = isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+        print(f"cimfast: rank {self.rank}: {type(error).__name__} in {self.where()}"
+              + (f": a collective timed out ({error}); another rank stopped answering. Exit code 5. Resume with "
+                 "--resume auto." if timed_out else ""), file=sys.stderr, flush=True)
+        if timed_out:
+            raise SystemExit(EXIT_STALLED) from error
 
     def _watch(self) -> None:
         while not self._done.wait(min(5.0, max(0.5, self.step_s / 20))):
@@ -47,7 +75,7 @@ class StepWatchdog:
                 self._fire(waited)
 
     def _fire(self, waited: float) -> None:
-        print(f"cimfast: rank {self.rank}: no progress for {waited:.0f} s in step {self.step} ({self.phase}), "
+        print(f"cimfast: rank {self.rank}: no progress for {waited:.0f} s in {self.where()}, "
               f"past the bound of {self.bound:.0f} s (--step_timeout_minutes / --long_timeout_minutes): another "
               "rank stopped answering, or a data worker or the file system hangs. Every thread's stack follows; "
               "exit code 5. Resume with --resume auto.", file=sys.stderr, flush=True)
