@@ -42,6 +42,7 @@ def check_run(run: RunConfig, job: str) -> None:
                          "move that run's checkpoints out of it")
     if run.resume == "auto":
         if latest:
+            refuse_a_restart_into(latest)
             log.info("--resume auto: continuing from %s (step %d)", latest, checkpoint.read_state(latest)["step"])
         else:
             log.info("--resume auto: no checkpoint in %s: starting at step 0", run.output_dir)
@@ -49,6 +50,31 @@ def check_run(run: RunConfig, job: str) -> None:
         raise InputError(f"output folder {run.output_dir} holds checkpoints (the newest at step "
                          f"{checkpoint.read_state(latest)['step']}): continue it with --resume auto, start "
                          "over with --overwrite, or pass another --output_dir")
+
+
+# what launchers and schedulers set in a process they restarted on their own
+RESTART_COUNTERS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+class RestartRefused(Exception):
+    """An automatic restart that would only meet the same stop again: exit code 3."""
+
+    exit_code = 3
+
+
+def refuse_a_restart_into(latest: str) -> None:
+    """Automatic restarts (torchrun --max-restarts, a requeued SLURM job) retry what may pass
+    (a lost rank, a stall), not a run stopped for non-finite losses: resumed unchanged, it
+    would train to the same stop. Resumed by hand (no counter set), it goes on as asked."""
+    state = checkpoint.read_state(latest)
+    if state.get("reason") != "non-finite losses":
+        return
+    counters = [f"{k}={os.environ[k]}" for k in RESTART_COUNTERS if int(os.environ.get(k) or 0) > 0]
+    if counters:
+        raise RestartRefused(
+            f"not retried: the newest checkpoint ({latest}, step {state['step']}) stopped the run for non-finite "
+            f"losses, and this is an automatic restart ({', '.join(counters)}) that would meet them again. Change "
+            "their cause (learning rate, data, bf16 instead of fp16), then resume by hand with --resume auto")
 
 
 def nothing_left_message(job: str, step: int, max_steps: int) -> str:
@@ -130,13 +156,14 @@ def report(error: Exception, debug: bool) -> int:
 
 def guarded(body: Callable[[], int], argv) -> int:
     """Run an entry point's body, turning an ``InputError`` into one line and exit code 2,
-    a checkpoint that could not be written into one line and exit code 4."""
+    a checkpoint that could not be written into one line and exit code 4, a refused
+    automatic restart into one line and exit code 3."""
     debug = "--debug" in (sys.argv if argv is None else argv)
     try:
         return body()
     except InputError as e:
         return report(e, debug)
-    except checkpoint.CheckpointWriteError as e:  # one line on every rank, its own exit code
+    except (checkpoint.CheckpointWriteError, RestartRefused) as e:  # one line on every rank, its own exit code
         print(f"cimfast: {e}", file=sys.stderr)
         return e.exit_code
 

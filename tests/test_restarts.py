@@ -1,0 +1,111 @@
+"""Restarts that lose nothing: a rank killed mid-run, the job restarted by torchrun
+(--max-restarts) or requeued (the same deepspeed command again), ends with the losses
+of an uninterrupted run; a run stopped for non-finite losses is not retried."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from cimfast.engine import checkpoint
+from tests.runs import BIN, ENV, ROOT, ds_config, free_port, losses, run_train
+
+# rank 1 dies of SIGKILL (as of the out-of-memory killer or a lost node) in step 5's backward,
+# once: the flag file, made just before, keeps the restarted attempt alive
+KILL_RANK_1_ONCE = r"""
+import os, signal, sys
+import deepspeed
+real = deepspeed.DeepSpeedEngine.backward
+calls = {"n": 0}
+
+
+def backward(*args, **kwargs):
+    calls["n"] += 1
+    flag = os.environ["KILLED_FLAG"]
+    if os.environ.get("RANK") == "1" and calls["n"] == 5 and not os.path.exists(flag):
+        open(flag, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+
+deepspeed.DeepSpeedEngine.backward = backward
+sys.argv = ["train.py", *sys.argv[1:]]
+from cimfast.train import cli
+cli()
+"""
+
+
+def _config(tmp):
+    return ds_config(str(tmp), "restart", steps=8, checkpoint_interval=2, keep_checkpoints=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    r = run_train(["--ds_config", _config(tmp), "--output_dir", str(tmp / "out")], ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return losses(str(tmp / "out"))
+
+
+def _launch(launcher, tmp, script, args, restarts=1):
+    path = tmp / "killed.py"
+    path.write_text(script)
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--max-restarts", str(restarts),
+               "--master_port", free_port()]
+    else:
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", free_port()]
+    env = {**ENV, "KILLED_FLAG": str(tmp / "killed")}
+    return subprocess.run(cmd + [str(path), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_killed_rank_restarts_from_the_newest_checkpoint_and_ends_equal(tmp_path, launcher, uninterrupted):
+    """torchrun restarts every rank itself; a requeued job runs the same deepspeed command again.
+    Either way the run resumes from step 4 and logs the uninterrupted run's losses."""
+    out = str(tmp_path / "out")
+    args = ["--ds_config", _config(tmp_path), "--output_dir", out, "--resume", "auto"]
+    r = _launch(launcher, tmp_path, KILL_RANK_1_ONCE, args)
+    printed = r.stdout + r.stderr
+    assert os.path.exists(tmp_path / "killed"), printed[-3000:]
+    if launcher == "deepspeed":  # the launcher ends the job; the requeue runs the same command
+        assert r.returncode != 0, printed[-3000:]
+        assert checkpoint.latest_checkpoint(out).endswith("step_00000004")
+        r = _launch(launcher, tmp_path, KILL_RANK_1_ONCE, args)
+        printed = r.stdout + r.stderr
+    assert r.returncode == 0, printed[-3000:]
+    assert "resumed from" in printed and "step_00000004 at step 4" in printed, printed[-3000:]
+    got = losses(out)
+    assert sorted(got) == sorted(uninterrupted) == list(range(1, 9))
+    for step, loss in uninterrupted.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), (step, got[step], loss)
+
+
+def test_a_run_stopped_for_nonfinite_losses_is_not_retried(tmp_path):
+    """torchrun restarts whatever the exit code: the restarted ranks refuse the non-finite
+    checkpoint at once with exit code 3, before training or writing anything. Resumed by hand
+    (no restart counter set), it goes on as asked."""
+    cfg_path = ds_config(str(tmp_path), "nan", steps=30, max_nonfinite=2, checkpoint_interval=0)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["optimizer"]["params"]["lr"] = 1e9  # blows the weights up within a few steps
+    cfg["gradient_clipping"] = 0.0
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    out = str(tmp_path / "out")
+    plain = "import sys\nsys.argv = ['train.py', *sys.argv[1:]]\nfrom cimfast.train import cli\ncli()\n"
+    r = _launch("torchrun", tmp_path, plain, ["--ds_config", cfg_path, "--output_dir", out, "--resume", "auto"],
+                restarts=2)
+    printed = r.stdout + r.stderr
+    assert r.returncode != 0, printed[-3000:]
+    stopped = checkpoint.latest_checkpoint(out)
+    assert checkpoint.read_state(stopped)["reason"] == "non-finite losses", printed[-3000:]
+    # both restarts refused at once (one line a rank; torchrun may end a rank before it prints),
+    # no traceback, no training
+    assert printed.count("cimfast: not retried: the newest checkpoint") >= 2, printed[-3000:]
+    assert "TORCHELASTIC_RESTART_COUNT=1" in printed and "TORCHELASTIC_RESTART_COUNT=2" in printed
+    assert "resumed from" not in printed  # (the traceback printed is torchrun's own, of its failed ranks)
+    assert checkpoint.finished_checkpoints(checkpoint.checkpoint_root(out)) == [os.path.basename(stopped)]
+    r = run_train(["--ds_config", cfg_path, "--output_dir", out, "--resume", "auto", "--max_nonfinite", "1000",
+                   "--max_steps", str(checkpoint.read_state(stopped)["step"] + 1)], ranks=2)
+    assert "not retried" not in r.stderr and "resumed from" in r.stderr, r.stderr[-3000:]
