@@ -337,3 +337,26 @@ def test_the_watchdog_switches_the_group_timeouts_only_when_the_bound_changes():
     off = StepWatchdog(0, 5, rank=0, retime=set_to.append)  # no watchdog: the groups keep their timeouts
     off.enter("training step", 1)
     assert set_to == [30.0, 300.0]
+
+
+GROUP_TIMEOUTS = r"""
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from cimfast.engine.distributed import fill_rendezvous_env, set_group_timeouts
+fill_rendezvous_env()
+dist.init_process_group("gloo", timeout=timedelta(minutes=60))
+groups = [dist.distributed_c10d._get_default_group(), dist.new_group(backend="gloo"), dist.new_group([0])]
+set_group_timeouts(7)
+print([g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups])
+"""
+
+
+def test_group_timeouts_reach_every_process_group():
+    """The default group and every group made after it (DeepSpeed's, ZeRO's, the stop request's)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-c", GROUP_TIMEOUTS], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-2] == "[7.0, 7.0, 7.0]", r.stdout

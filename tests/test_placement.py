@@ -48,7 +48,7 @@ class Engine:  # stands in for DeepSpeed's engine: no .to(device) of its own, so
         return 1
 
 
-def init_distributed():
+def init_distributed(timeout_minutes=None):
     distributed.fill_rendezvous_env()
     return distributed.Place(0, 1, META)
 
