@@ -28,6 +28,18 @@ def ds_config(tmp, name, stage=2, batch=8, steps=6, **cim):
     return path
 
 
+def diverging_config(tmp, name, **cim):
+    """A config whose learning rate (1e9, no clipping) blows the weights up within a few steps."""
+    path = ds_config(tmp, name, steps=30, max_nonfinite=2, **cim)
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["optimizer"]["params"]["lr"] = 1e9
+    cfg["gradient_clipping"] = 0.0
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
 def free_port() -> str:
     """A port no process listens on now, for the launcher's --master_port."""
     with socket.socket() as s:

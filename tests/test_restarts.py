@@ -1,14 +1,13 @@
 """Restarts that lose nothing: a rank killed mid-run, the job restarted by torchrun
 (--max-restarts) or requeued (the same deepspeed command again), ends with the losses
 of an uninterrupted run; a run stopped for non-finite losses is not retried."""
-import json
 import os
 import subprocess
 
 import pytest
 
 from cimfast.engine import checkpoint
-from tests.runs import BIN, ENV, ROOT, ds_config, free_port, losses, run_train
+from tests.runs import BIN, ENV, ROOT, diverging_config, ds_config, free_port, losses, run_train
 
 # rank 1 dies of SIGKILL (as of the out-of-memory killer or a lost node) in step 5's backward,
 # once: the flag file, made just before, keeps the restarted attempt alive
@@ -85,13 +84,7 @@ def test_a_run_stopped_for_nonfinite_losses_is_not_retried(tmp_path):
     """torchrun restarts whatever the exit code: the restarted ranks refuse the non-finite
     checkpoint at once with exit code 3, before training or writing anything. Resumed by hand
     (no restart counter set), it goes on as asked."""
-    cfg_path = ds_config(str(tmp_path), "nan", steps=30, max_nonfinite=2, checkpoint_interval=0)
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["optimizer"]["params"]["lr"] = 1e9  # blows the weights up within a few steps
-    cfg["gradient_clipping"] = 0.0
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
+    cfg_path = diverging_config(str(tmp_path), "nan", checkpoint_interval=0)
     out = str(tmp_path / "out")
     plain = "import sys\nsys.argv = ['train.py', *sys.argv[1:]]\nfrom cimfast.train import cli\ncli()\n"
     r = _launch("torchrun", tmp_path, plain, ["--ds_config", cfg_path, "--output_dir", out, "--resume", "auto"],

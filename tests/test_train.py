@@ -14,7 +14,7 @@ import torch
 from cimfast.engine import checkpoint
 from cimfast.engine.metrics import read_metrics
 from tests.labelled import make_labelled
-from tests.runs import BIN, ENV, ROOT, ds_config, free_port, losses, run_train
+from tests.runs import BIN, ENV, ROOT, diverging_config, ds_config, free_port, losses, run_train
 
 
 @pytest.fixture(scope="module")
@@ -287,13 +287,7 @@ def test_help_explains_options():
 
 
 def test_nonfinite_losses_stop_with_checkpoint(tmp_path):
-    cfg_path = ds_config(str(tmp_path), "nan", steps=30, max_nonfinite=2)
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["optimizer"]["params"]["lr"] = 1e9  # blows the weights up within a few steps
-    cfg["gradient_clipping"] = 0.0
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
+    cfg_path = diverging_config(str(tmp_path), "nan")
     out = str(tmp_path / "nan")
     r = run_train(["--ds_config", cfg_path, "--output_dir", out])
     assert r.returncode == 3, r.stderr[-3000:]
