@@ -318,8 +318,9 @@ def test_fp16_checkpoint_state_passes_the_safe_load(tmp_path):
 
 
 def test_the_watchdog_switches_the_group_timeouts_only_when_the_bound_changes():
-    """Training phases get the step bound, long phases the long bound, as the process groups'
-    collective timeout too; an unchanged bound sets nothing."""
+    """Training phases get the step bound, long phases the long bound, and the process groups
+    that plus a minute, from the start (groups made after start-up had torch's default); an
+    unchanged bound sets nothing."""
     from cimfast.engine.watchdog import StepWatchdog
 
     set_to = []
@@ -330,13 +331,14 @@ def test_the_watchdog_switches_the_group_timeouts_only_when_the_bound_changes():
         dog.enter("the ranks' stop and clock agreement", 1)
         dog.enter("training step", 2)
         dog.enter("checkpoint, evaluation or picture", 2, long=True)
-        assert set_to == [30.0, 300.0]
+        assert set_to == [360.0, 90.0, 360.0]  # each bound plus a minute, so the watchdog fires first
         assert dog.where() == "step 2 (checkpoint, evaluation or picture)"
     finally:
         dog.close()
-    off = StepWatchdog(0, 5, rank=0, retime=set_to.append)  # no watchdog: the groups keep their timeouts
+    set_to.clear()
+    off = StepWatchdog(0, 5, rank=0, retime=set_to.append)  # no watchdog: the groups keep the long timeout
     off.enter("training step", 1)
-    assert set_to == [30.0, 300.0]
+    assert set_to == [360.0]
 
 
 GROUP_TIMEOUTS = r"""

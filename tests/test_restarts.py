@@ -54,7 +54,7 @@ def _launch(launcher, tmp, script, args, restarts=1):
                "--master_port", free_port()]
     else:
         cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", free_port()]
-    env = {**ENV, "KILLED_FLAG": str(tmp / "killed")}
+    env = {**ENV, "KILLED_FLAG": str(tmp / "killed"), "CIMFAST_EXIT_FILE": str(tmp / "exit_code")}
     return subprocess.run(cmd + [str(path), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -73,6 +73,7 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint_and_ends_equal(tmp_pa
         r = _launch(launcher, tmp_path, KILL_RANK_1_ONCE, args)
         printed = r.stdout + r.stderr
     assert r.returncode == 0, printed[-3000:]
+    assert (tmp_path / "exit_code").read_text() == "0\n"  # rank 0's own code, for a batch script
     assert "resumed from" in printed and "step_00000004 at step 4" in printed, printed[-3000:]
     got = losses(out)
     assert sorted(got) == sorted(uninterrupted) == list(range(1, 9))
@@ -83,14 +84,15 @@ def test_a_killed_rank_restarts_from_the_newest_checkpoint_and_ends_equal(tmp_pa
 def test_a_run_stopped_for_nonfinite_losses_is_not_retried(tmp_path):
     """torchrun restarts whatever the exit code: the restarted ranks refuse the non-finite
     checkpoint at once with exit code 3, before training or writing anything. Resumed by hand
-    (no restart counter set), it goes on as asked."""
+    (no restart counter set), it goes on as asked. $CIMFAST_EXIT_FILE holds rank 0's code,
+    which torchrun's own exit code (1) hides."""
     cfg_path = diverging_config(str(tmp_path), "nan", checkpoint_interval=0)
     out = str(tmp_path / "out")
     plain = "import sys\nsys.argv = ['train.py', *sys.argv[1:]]\nfrom cimfast.train import cli\ncli()\n"
     r = _launch("torchrun", tmp_path, plain, ["--ds_config", cfg_path, "--output_dir", out, "--resume", "auto"],
                 restarts=2)
     printed = r.stdout + r.stderr
-    assert r.returncode != 0, printed[-3000:]
+    assert r.returncode != 0 and (tmp_path / "exit_code").read_text() == "3\n", printed[-3000:]
     stopped = checkpoint.latest_checkpoint(out)
     assert checkpoint.read_state(stopped)["reason"] == "non-finite losses", printed[-3000:]
     # both restarts refused at once (one line a rank; torchrun may end a rank before it prints),
@@ -101,4 +103,5 @@ def test_a_run_stopped_for_nonfinite_losses_is_not_retried(tmp_path):
     assert checkpoint.finished_checkpoints(checkpoint.checkpoint_root(out)) == [os.path.basename(stopped)]
     r = run_train(["--ds_config", cfg_path, "--output_dir", out, "--resume", "auto", "--max_nonfinite", "1000",
                    "--max_steps", str(checkpoint.read_state(stopped)["step"] + 1)], ranks=2)
-    assert "not retried" not in r.stderr and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "not retried" not in r.stderr and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert checkpoint.read_state(stopped)["resumed_by_hand"]  # its later automatic restarts may retry

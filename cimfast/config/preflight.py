@@ -4,6 +4,7 @@ what to do (``InputError``; the entry points exit with code 2)."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Callable
 
 from cimfast.config.settings import ConfigError, InputError, RunConfig
 from cimfast.engine import checkpoint
+from cimfast.pipelines.atomic import write_text_atomically
 from cimfast.pipelines.datasets import IMAGE_EXTENSIONS
 
 log = logging.getLogger("cimfast")
@@ -65,16 +67,21 @@ class RestartRefused(Exception):
 def refuse_a_restart_into(latest: str) -> None:
     """Automatic restarts (torchrun --max-restarts, a requeued SLURM job) retry what may pass
     (a lost rank, a stall), not a run stopped for non-finite losses: resumed unchanged, it
-    would train to the same stop. Resumed by hand (no counter set), it goes on as asked."""
+    would train to the same stop. Resumed by hand (no counter set), it goes on as asked, and
+    the checkpoint is marked so that restarts of that attempt may retry from it."""
     state = checkpoint.read_state(latest)
-    if state.get("reason") != "non-finite losses":
+    if state.get("reason") != "non-finite losses" or state.get("resumed_by_hand"):
         return
     counters = [f"{k}={os.environ[k]}" for k in RESTART_COUNTERS if int(os.environ.get(k) or 0) > 0]
-    if counters:
-        raise RestartRefused(
-            f"not retried: the newest checkpoint ({latest}, step {state['step']}) stopped the run for non-finite "
-            f"losses, and this is an automatic restart ({', '.join(counters)}) that would meet them again. Change "
-            "their cause (learning rate, data, bf16 instead of fp16), then resume by hand with --resume auto")
+    if not counters:  # the user changed the cause: later automatic restarts may retry from here
+        if os.environ.get("RANK", "0") == "0":
+            write_text_atomically(os.path.join(latest, checkpoint.STATE_FILE),
+                                  json.dumps({**state, "resumed_by_hand": True}, indent=1), fsync=True)
+        return
+    raise RestartRefused(
+        f"not retried: the newest checkpoint ({latest}, step {state['step']}) stopped the run for non-finite "
+        f"losses, and this is an automatic restart ({', '.join(counters)}) that would meet them again. Change "
+        "their cause (learning rate, data, bf16 instead of fp16), then resume by hand with --resume auto")
 
 
 def nothing_left_message(job: str, step: int, max_steps: int) -> str:
@@ -168,6 +175,21 @@ def guarded(body: Callable[[], int], argv) -> int:
         return e.exit_code
 
 
+EXIT_FILE = "CIMFAST_EXIT_FILE"
+
+
+def record_exit(code: int) -> None:
+    """Rank 0's exit code into the file $CIMFAST_EXIT_FILE names, when set: torchrun exits 1
+    whatever its ranks' codes, and a batch script that decides whether to requeue needs
+    cimfast's own (no file: rank 0 was killed)."""
+    path = os.environ.get(EXIT_FILE)
+    if path and os.environ.get("RANK", "0") == "0":
+        try:
+            write_text_atomically(path, f"{code}\n")
+        except OSError as e:
+            print(f"cimfast: could not write the exit code to {path} ({EXIT_FILE}): {e}", file=sys.stderr)
+
+
 def run_and_exit(main: Callable[[], int]) -> None:
     """A script's exit: ``main()``'s code, then everything flushed and the
     process gone without the interpreter's teardown, which can hang on
@@ -198,5 +220,6 @@ def run_and_exit(main: Callable[[], int]) -> None:
                 flush()
             except Exception:  # noqa: BLE001  (a closed pipe must not keep the process alive)
                 pass
+        record_exit(code)
         os._exit(code)
 

@@ -132,7 +132,16 @@ def set_group_timeouts(seconds: float) -> None:
         return
     set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # older torch
     for group in list(dist.distributed_c10d._world.pg_map):
-        set_timeout(timedelta(seconds=seconds), group)
+        try:
+            set_timeout(timedelta(seconds=seconds), group)
+        except Exception as e:  # noqa: BLE001  (a backend that cannot: the step watchdog still bounds it)
+            if not _untimed:
+                log.warning("process group %s keeps its own timeout (%s): the step watchdog bounds its waits",
+                            getattr(group, "group_name", group), e)
+            _untimed.add(id(group))
+
+
+_untimed: set = set()  # groups whose timeout could not be set (warned once)
 
 
 SHM_DIR = "/dev/shm"

@@ -35,6 +35,14 @@ def terminal_columns() -> int:
         return 0
 
 
+def together() -> None:
+    """The ranks leave a long phase (evaluation, checkpoint, picture) together: a rank done
+    before rank 0 would wait for it in the next step's collectives, under the short
+    training timeout."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 class Outputs:
     """Rank 0's metric lines and progress bar; every rank's checkpoints and pictures."""
 
@@ -76,9 +84,11 @@ class Outputs:
             if self.run.checkpoint_errors != "warn" or reason not in ("interval", "clock"):  # nothing later saves it
                 raise
             log.warning("%s; training goes on (--checkpoint_errors warn)", e)
+            together()
             return
         if self.rank == 0:
             log.info("checkpoint (%s): %s", reason, path)
+        together()  # rank 0 may still be removing old checkpoints
 
     @contextmanager
     def _eval_mode(self):
@@ -97,6 +107,7 @@ class Outputs:
             return
         with self._eval_mode() as module:
             self.job.picture(module, os.path.join(self.run.output_dir, name) if self.rank == 0 else None)
+        together()
 
     def evaluate(self, step: int) -> float:
         """The job's evaluation (k-NN monitor, validation top-1), on all ranks; its time is logged."""
@@ -109,6 +120,7 @@ class Outputs:
         if self.rank == 0:
             self.writer.write(step, metrics)
             log.info("step %d evaluation: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        together()
         return metrics["eval_seconds"]
 
     def periodic(self, state: dict, step: int) -> float:
@@ -117,19 +129,12 @@ class Outputs:
         run = self.run
         spent = 0.0
         every = self.job.eval_interval
-        evaluate = every and step % every == 0 and step < run.max_steps  # the last one follows the end checkpoint
-        save = run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps
-        picture = run.image_interval and step % run.image_interval == 0
-        if evaluate:
+        if every and step % every == 0 and step < run.max_steps:  # the last one follows the end checkpoint
             spent = self.evaluate(step)
-        if save:
+        if run.checkpoint_interval and step % run.checkpoint_interval == 0 and step < run.max_steps:
             self.save(state, step, "interval")
-        if picture:
+        if run.image_interval and step % run.image_interval == 0:
             self.picture(f"picture_step{step:08d}.png")
-        if (evaluate or save or picture) and dist.is_initialized() and dist.get_world_size() > 1:
-            # the ranks leave these long phases together: a rank done early would otherwise wait
-            # for rank 0 in the next step's collectives, under the short training timeout
-            dist.barrier()
         return spent
 
     def clock_due(self) -> bool:

@@ -10,11 +10,13 @@ stack and exits with code 5; the launcher then ends the other ranks. A
 frozen rank (a hung GPU, a stopped node) so ends the job within the
 training bound, instead of the collective's own timeout (30 minutes).
 
-The same two bounds are the process groups' own timeouts (``retime``): a
-collective begun in a training phase fails after the training bound, one
-begun in a long phase (a rank-0 evaluation the others wait for) only after
-the long bound. That is the guard where the host thread never blocks (NCCL
-runs its collectives asynchronously and aborts them on its own timeout)."""
+The same two bounds, plus a minute, are the process groups' own timeouts
+(``retime``): a collective begun in a training phase fails after the
+training bound, one begun in a long phase (a rank-0 evaluation the others
+wait for) only after the long bound. That is the backstop where the host
+thread never blocks (NCCL runs its collectives asynchronously and aborts
+them on its own timeout); the minute lets the watchdog, which names where
+the loop stood, fire first where it can."""
 from __future__ import annotations
 
 import faulthandler
@@ -24,7 +26,10 @@ import threading
 import time
 from typing import Callable, Optional
 
+from cimfast.config.preflight import record_exit
+
 EXIT_STALLED = 5
+GROUP_MARGIN_S = 60.0  # the process groups' timeout over the watchdog's bound
 
 
 class StepWatchdog:
@@ -34,6 +39,8 @@ class StepWatchdog:
         self.phase, self.step, self.bound = "start-up", 0, self.long_s
         self.since = time.monotonic()
         self._retime = retime if step_minutes > 0 else None  # (seconds) -> None: the process groups' timeout
+        if retime is not None:  # groups made after start-up (ZeRO's, the stop request's) had torch's default
+            retime(self.long_s + GROUP_MARGIN_S)
         self._done = threading.Event()
         self._thread = None
         if step_minutes > 0:
@@ -45,9 +52,9 @@ class StepWatchdog:
         self.phase, self.step = phase, step
         bound = self.long_s if long else self.step_s
         if bound != self.bound and self._retime is not None:
-            self._retime(bound)
+            self._retime(bound + GROUP_MARGIN_S)
+        self.since = time.monotonic()  # before the bound: the thread never sees a new bound with an old start
         self.bound = bound
-        self.since = time.monotonic()
 
     def where(self) -> str:
         return f"step {self.step} ({self.phase})"
@@ -61,7 +68,7 @@ class StepWatchdog:
         self.close()
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             return
-        timed_out = isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+        timed_out = "Timed out waiting" in str(error) and isinstance(error, RuntimeError)  # gloo's words
         print(f"cimfast: rank {self.rank}: {type(error).__name__} in {self.where()}"
               + (f": a collective timed out ({error}); another rank stopped answering. Exit code 5. Resume with "
                  "--resume auto." if timed_out else ""), file=sys.stderr, flush=True)
@@ -81,4 +88,5 @@ class StepWatchdog:
               "exit code 5. Resume with --resume auto.", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        record_exit(EXIT_STALLED)
         os._exit(EXIT_STALLED)
