@@ -168,8 +168,8 @@ class RunConfig:
     checkpoint_interval: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
     step_timeout_minutes: float = field(default=5.0, metadata={
         "help": "a training step (its collectives and data included) that makes no progress this long ends the "
-                "run with exit code 5, naming the step and phase (a rank that stopped answering); also every "
-                "process group's collective timeout during training steps; 0: off"})
+                "run with exit code 5, naming the step and phase (a rank that stopped answering); plus a minute, "
+                "every process group's collective timeout in training steps; 0: off"})
     long_timeout_minutes: float = field(default=60.0, metadata={
         "help": "the same bound for start-up, the first step (compilation), evaluations, checkpoints, pictures"})
     checkpoint_minutes: float = field(default=0.0, metadata={
