@@ -105,3 +105,14 @@ def test_a_run_stopped_for_nonfinite_losses_is_not_retried(tmp_path):
                    "--max_steps", str(checkpoint.read_state(stopped)["step"] + 1)], ranks=2)
     assert r.returncode == 0 and "not retried" not in r.stderr and "resumed from" in r.stderr, r.stderr[-3000:]
     assert checkpoint.read_state(stopped)["resumed_by_hand"]  # its later automatic restarts may retry
+
+
+def test_resuming_zero_on_another_number_of_ranks_is_one_line(tmp_path):
+    """A ZeRO-2 checkpoint of 2 ranks resumed on 1: one line naming the cause, exit code 2."""
+    out = str(tmp_path / "out")
+    cfg = ds_config(str(tmp_path), "two", steps=2)
+    r = run_train(["--ds_config", cfg, "--output_dir", out], ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(["--ds_config", cfg, "--output_dir", out, "--resume", "auto", "--max_steps", "3"])
+    assert r.returncode == 2 and "was saved by another number of ranks" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr

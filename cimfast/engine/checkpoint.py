@@ -231,8 +231,14 @@ def load(engine, path: str) -> dict:
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise InputError(f"{path} is not a finished cimfast checkpoint (no {STATE_FILE})")
     verify_files(path)
-    load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    except Exception as e:  # noqa: BLE001  (DeepSpeed's own type for it moved between versions)
+        if "world size" not in str(e):
+            raise
+        raise InputError(f"{path} was saved by another number of ranks, and ZeRO cannot re-partition its "
+                         f"optimizer state ({e}): resume on that number of ranks") from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
     return read_state(path)
