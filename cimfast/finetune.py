@@ -119,7 +119,7 @@ UNUSED = {"data_path": "give the labelled images with --train_path and --val_pat
           "peak_tflops": "fine-tuning counts no FLOPs, so it reports no MFU",
           **{k: _PRETRAINING for k in ("image_interval", "tokenizer_bf16", "tokenizer_io_bf16", "tokenizer_fp8_logits",
                                        "tokenizer_fuse", "pipeline", "dali_threads", "validate_data",
-                                       "max_image_pixels", "demo_samples")}}
+                                       "max_image_pixels", "demo_samples", "crop_scale")}}
 
 
 def build_classifier(fcfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:

@@ -35,6 +35,7 @@ from cimfast.engine.distributed import (Place, fill_auto, finish, init_distribut
                                         setup_logging)
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images
+from cimfast.pipelines.demo import PHOTOS
 from cimfast.pipelines.views import as_unit
 from cimfast.tokenizer.dvae import beta_at, code_usage, codebook_stats, dvae_loss, psnr, tau_at
 from cimfast.tokenizer.files import save_safetensors, tokenizer_from_state_dict
@@ -116,7 +117,7 @@ def evaluate(tok: Tokenizer, images: torch.Tensor, batch: int = 32) -> dict:
 def heldout_images(tcfg: TokenizerConfig, run: RunConfig) -> typing.Optional[torch.Tensor]:
     if tcfg.heldout_path:
         ds = FileListDataset(list_images(tcfg.heldout_path), tcfg.image_size, None, seed=run.seed + 1)
-    elif run.data_path is None:
+    elif run.data_path in (None, PHOTOS):
         ds = DemoDataset(tcfg.image_size, None, samples=tcfg.heldout_samples, split="heldout", seed=run.seed + 1)
     else:
         return None

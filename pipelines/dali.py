@@ -49,7 +49,7 @@ from cimfast.pipelines.datasets import DemoDataset, FileListDataset, TwoViewData
 from cimfast.pipelines.demo import demo_jpeg_files
 from cimfast.pipelines.sampler import EpochSampler
 from cimfast.pipelines.validate import DALI_FORMATS
-from cimfast.pipelines.views import sample_crop, sample_key, sample_mask
+from cimfast.pipelines.views import SCALE, sample_crop, sample_key, sample_mask
 
 log = logging.getLogger("cimfast")
 
@@ -95,10 +95,10 @@ class DaliSource:
     functions, so any worker process computes any batch."""
 
     def __init__(self, files: list, batch: int, rank: int, world: int, seed: int, start_step: int,
-                 mask_fn: Optional[Callable] = None, info: Optional[list] = None, bad=(), recode=()):
+                 mask_fn: Optional[Callable] = None, info: Optional[list] = None, bad=(), recode=(), scale=SCALE):
         self.files, self.info = list(files), info
         self.sampler = EpochSampler(len(files), batch, rank, world, seed=seed, start_step=start_step)
-        self.seed, self.start_step, self.mask_fn = seed, start_step, mask_fn
+        self.seed, self.start_step, self.mask_fn, self.scale = seed, start_step, mask_fn, scale
         self.bad, self.recode = frozenset(bad), frozenset(recode)
         self._order = (None, None)
 
@@ -146,7 +146,7 @@ class DaliSource:
             except Exception:  # unreadable, empty, not an image: the next file (same rule as the torch path)
                 self.bad = self.bad | {j}
                 j = self.substitute(index)
-        top, left, ch, cw, flip = sample_crop(self.seed, epoch, index, h, w)
+        top, left, ch, cw, flip = sample_crop(self.seed, epoch, index, h, w, self.scale)
         out = [data, np.array([top, left], np.int32), np.array([ch, cw], np.int32), np.array(int(flip), np.int32),
                np.array(sample_key(self.seed, epoch, index), np.int64)]
         mask = sample_mask(self.seed, epoch, index, self.mask_fn)
@@ -268,10 +268,10 @@ class DaliBatches:
     def __init__(self, files: list, size: int, tok_size: Optional[int], batch: int, *, rank: int = 0, world: int = 1,
                  seed: int = 0, start_step: int = 0, mask_fn: Optional[Callable] = None, info: Optional[list] = None,
                  device: str = "cpu", device_id: Optional[int] = None, threads: int = 2, py_workers: int = 0,
-                 prefetch: int = 2, fallback: Optional[Callable[[int], object]] = None):
+                 prefetch: int = 2, fallback: Optional[Callable[[int], object]] = None, scale=SCALE):
         self.files, self.info = list(files), info
         self.size, self.tok_size, self.batch, self.rank, self.world = size, tok_size, batch, rank, world
-        self.seed, self.mask_fn, self.device, self.device_id = seed, mask_fn, device, device_id
+        self.seed, self.mask_fn, self.device, self.device_id, self.scale = seed, mask_fn, device, device_id, scale
         self.threads, self.py_workers, self.prefetch, self.fallback = threads, py_workers, prefetch, fallback
         self.sampler = EpochSampler(len(self.files), batch, rank, world, seed=seed, start_step=start_step)
         self.step = start_step  # the global micro-step of the next batch
@@ -290,7 +290,7 @@ class DaliBatches:
 
     def _source(self, start: int) -> DaliSource:
         return DaliSource(self.files, self.batch, self.rank, self.world, self.seed, start, self.mask_fn, self.info,
-                          bad=self.bad, recode=self.recode)
+                          bad=self.bad, recode=self.recode, scale=self.scale)
 
     def _start(self, start: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -421,7 +421,7 @@ def dali_batches(name: str, dataset, rank: int, world: int, micro: int, start: i
     threads = dali_threads("gpu" if gpu else "cpu", local_world, threads)
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
     it = DaliBatches(files, dataset.size, dataset.tok_size, micro, rank=rank, world=world, seed=dataset.seed,
-                     start_step=start,
+                     start_step=start, scale=dataset.scale,
                      mask_fn=dataset.mask_fn, info=info, device="gpu" if gpu else "cpu", device_id=device_id,
                      threads=threads, py_workers=py_workers, fallback=torch_batches)
     import nvidia.dali as dali

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cimfast.pipelines.demo import demo_images
-from cimfast.pipelines.views import sample_crop, sample_key, sample_mask, two_views
+from cimfast.pipelines.views import SCALE, sample_crop, sample_key, sample_mask, two_views
 
 log = logging.getLogger("cimfast")
 
@@ -29,12 +29,14 @@ class TwoViewDataset(Dataset):
     ``tok_size`` None gives the one view ``images`` only.
 
     ``mask_fn(rng) -> array`` (optional) adds a per-sample mask drawn from the
-    sample's own mask stream (``views.Stream``).
+    sample's own mask stream (``views.Stream``). ``scale``: the random crop's
+    range of the image's area (``views.SCALE``, torchvision's, by default).
     """
 
     def __init__(self, size: int, tok_size: int, seed: int = 0,
-                 mask_fn: Optional[Callable[[np.random.Generator], np.ndarray]] = None):
+                 mask_fn: Optional[Callable[[np.random.Generator], np.ndarray]] = None, scale=SCALE):
         self.size, self.tok_size, self.seed, self.mask_fn = size, tok_size, seed, mask_fn
+        self.scale = tuple(scale)
 
     def load(self, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -42,7 +44,7 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, item):
         epoch, index = item
         img = self.load(index)
-        params = sample_crop(self.seed, epoch, index, img.shape[1], img.shape[2])
+        params = sample_crop(self.seed, epoch, index, img.shape[1], img.shape[2], self.scale)
         big, small = two_views(img, params, self.size, self.tok_size)
         out = {"images": big, "sample_key": torch.tensor(sample_key(self.seed, epoch, index))}
         if small is not None:

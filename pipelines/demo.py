@@ -1,7 +1,8 @@
-"""Built-in demo data: real photographs that scikit-image ships in its wheel
-(and scikit-learn's two sample photos), no download. Each training sample is
-a random resized crop of one of them, so a few photos give many distinct
-samples.
+"""Built-in demo data, no download: real photographs that scikit-image ships
+in its wheel (and scikit-learn's two sample photos), each training sample a
+random resized crop of one of them, so a few photos give many distinct
+samples (``PHOTOS`` as a data path); and scikit-learn's handwritten digits
+as labelled PNG folders (``DIGITS``: their train split as a data path).
 """
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from typing import Optional
 
 import numpy as np
 
-from cimfast.pipelines.atomic import write_atomically
+from cimfast.pipelines.atomic import publish_folder, write_atomically
 
 # RGB photographs that load offline from skimage.data (verified 2026-11).
 SKIMAGE_RGB = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
 SKIMAGE_GRAY = ("camera", "brick", "grass", "gravel", "moon", "coins", "cell")
 # Held out from training: the tokenizer's and the picture's validation photos.
 HELD_OUT = ("cat", "coffee", "rocket")
+# The data paths of the built-in sets: the digits' train split (pre-training on the kind of images the
+# k-NN monitor's demo evaluates on, never on its val split), and the photographs (as no data path).
+DIGITS, PHOTOS = "demo:digits", "demo:photos"
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
@@ -74,3 +78,27 @@ def demo_jpeg_files(split: str = "train", cache_dir: Optional[str] = None, quali
         paths.append(path)
         info.append((a.shape[0], a.shape[1], "JPEG"))
     return paths, info
+
+
+def demo_digits(split: str, cache_dir: Optional[str] = None) -> str:
+    """scikit-learn's digits (8 x 8, 17 grey levels) written once as 64 x 64
+    PNG files in class folders; every 4th image is in ``val``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {split!r}")
+    root = os.path.join(cache_dir or default_cache_dir(), "demo-digits", split)
+    if os.path.isdir(root):
+        return root
+    d = load_digits()
+
+    def fill(tmp: str) -> None:
+        for i, (img, y) in enumerate(zip(d.images, d.target)):
+            if (i % 4 == 0) != (split == "val"):
+                continue
+            os.makedirs(os.path.join(tmp, str(y)), exist_ok=True)
+            a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
+            Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(tmp, str(y), f"{i:04d}.png"))
+
+    return publish_folder(root, fill)  # ranks that race here never see a half-written set

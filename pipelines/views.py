@@ -32,9 +32,10 @@ def sample_rng(seed: int, epoch: int, index: int, stream: Stream) -> np.random.G
     return np.random.default_rng([int(seed), int(epoch), int(index), int(Stream(stream))])
 
 
-def sample_crop(seed: int, epoch: int, index: int, height: int, width: int):
-    """(top, left, h, w, flip) of sample ``index`` in ``epoch`` for an image of height x width."""
-    return crop_params(sample_rng(seed, epoch, index, Stream.CROP), height, width)
+def sample_crop(seed: int, epoch: int, index: int, height: int, width: int, scale=SCALE):
+    """(top, left, h, w, flip) of sample ``index`` in ``epoch`` for an image of height x width;
+    ``scale``: the range of the crop's share of the image's area."""
+    return crop_params(sample_rng(seed, epoch, index, Stream.CROP), height, width, scale)
 
 
 def sample_key(seed: int, epoch: int, index: int) -> int:

@@ -75,8 +75,9 @@ def build_parser(groups, prog: str, what: str, default_config: str = "ds_demo.js
             kw = dict(default=None, help=text if "(default:" in text else f"{text} (default: {default})")
             if t is bool:
                 g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-            elif t is tuple:
-                g.add_argument(f"--{f.name}", type=int, nargs="+", **kw)
+            elif t is tuple:  # of floats where the default holds floats (crop_scale), else of ints
+                elem = float if any(isinstance(x, float) for x in default or ()) else int
+                g.add_argument(f"--{f.name}", type=elem, nargs="+", **kw)
             else:
                 g.add_argument(f"--{f.name}", type=t, **kw)
     return p

@@ -16,6 +16,7 @@ from cimfast.config.settings import ConfigError, InputError, RunConfig
 from cimfast.engine import checkpoint
 from cimfast.pipelines.atomic import write_text_atomically
 from cimfast.pipelines.datasets import IMAGE_EXTENSIONS
+from cimfast.pipelines.demo import DIGITS, PHOTOS
 
 log = logging.getLogger("cimfast")
 
@@ -25,7 +26,10 @@ def check_run(run: RunConfig, job: str) -> None:
     point's job name (``cim``, ``finetune``, ``dvae``): a checkpoint of another job is
     neither resumed nor removed by --overwrite (fine-tuning once wrote into the
     pre-training folder by default, and --overwrite deleted the model it fine-tuned)."""
-    if run.data_path and not os.path.exists(run.data_path):
+    if run.data_path and run.data_path.startswith("demo:") and run.data_path not in (DIGITS, PHOTOS):
+        raise InputError(f"data path {run.data_path}: the built-in data paths are {DIGITS} (the demo digits' train "
+                         f"split) and {PHOTOS} (the demo photographs, as no data path)")
+    if run.data_path and run.data_path not in (DIGITS, PHOTOS) and not os.path.exists(run.data_path):
         raise InputError(f"data path {run.data_path} does not exist: pass --data_path with an image folder "
                          "(one subfolder per class, or any tree of images) or a file list")
     if run.data_path and os.path.isdir(run.data_path) and not _has_an_image(run.data_path):

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 
 from cimfast.config.presets import PRESETS
 from cimfast.kernels.pixel_loss import EPS as WINDOW_EPS
+from cimfast.pipelines.demo import DIGITS, PHOTOS
+from cimfast.pipelines.views import SCALE
 
 OBJECTIVES = ("respix", "revdet")
 PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
@@ -158,7 +160,8 @@ class RunConfig:
     """Settings of a training run (everything that is not the model)."""
 
     data_path: typing.Optional[str] = field(default=None, metadata={
-        "help": "image folder (ImageNet-style tree) or file list; unset: the built-in demo photos"})
+        "help": f"image folder (ImageNet-style tree) or file list, or {DIGITS} (the demo digits' train split); "
+                f"unset or {PHOTOS}: the built-in demo photos"})
     output_dir: str = field(default="outputs/cim-demo", metadata={"help": "checkpoints, metrics, pictures"})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps to train (the run's length)"})
     resume: typing.Optional[str] = field(default=None, metadata={
@@ -195,6 +198,9 @@ class RunConfig:
     cache_dir: typing.Optional[str] = field(default=None, metadata={
         "help": "validation cache, clean file lists and the demo JPEGs (default: $CIMFAST_CACHE or ~/.cache/cimfast)"})
     demo_samples: int = field(default=4096, metadata={"help": "demo crops per epoch"})
+    crop_scale: tuple = field(default=SCALE, metadata={
+        "help": "the random resized crop's share of the image's area, min max (torchvision's and the paper's "
+                f"{SCALE[0]} {SCALE[1]})"})
     peak_tflops: typing.Optional[float] = field(default=None, metadata={
         "help": "dense bf16 peak TFLOP/s per device for MFU (default: looked up by GPU name)"})
     compile: typing.Optional[bool] = field(default=None, metadata={
@@ -234,6 +240,10 @@ class RunConfig:
         need(self.long_timeout_minutes >= self.step_timeout_minutes, "long_timeout_minutes",
              "must be at least step_timeout_minutes")
         need(self.demo_samples > 0, "demo_samples", "must be positive")
+        s = self.crop_scale
+        need(len(s) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in s)
+             and 0 < s[0] <= s[1] <= 1, "crop_scale", "must be two shares of the area, 0 < min <= max <= 1")
+        self.crop_scale = tuple(float(x) for x in s)
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         need(self.data_path is None or bool(self.data_path), "data_path", "must not be empty")
         need(self.pipeline in PIPELINES, "pipeline", f"must be one of {', '.join(PIPELINES)}")

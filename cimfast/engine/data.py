@@ -27,6 +27,7 @@ from cimfast.config.settings import PIPELINES, Config, InputError, RunConfig
 from cimfast.objective.masking import BlockMaskGenerator
 from cimfast.pipelines.dali import dali_batches
 from cimfast.pipelines.datasets import DemoDataset, FileListDataset, list_images, read_file_list
+from cimfast.pipelines.demo import DIGITS, PHOTOS, demo_digits
 from cimfast.pipelines.sampler import build_loader
 from cimfast.pipelines.synthetic import SyntheticBatches
 from cimfast.pipelines.validate import DEFAULT_MAX_PIXELS, validate
@@ -42,8 +43,8 @@ def build_dataset(cfg: Config, run: RunConfig):
 
 def build_image_dataset(run: RunConfig, size: int, tok_size, mask_fn):
     """The run's images (``data_path``, validated, or the demo photographs) as random crops."""
-    kw = dict(seed=run.seed, mask_fn=mask_fn)
-    if run.data_path:
+    kw = dict(seed=run.seed, mask_fn=mask_fn, scale=run.crop_scale)
+    if run.data_path and run.data_path != PHOTOS:
         files, info = data_files(run)
         return FileListDataset(files, size, tok_size, info=info, **kw)
     log.info("data: the built-in demo photographs (%d crops per epoch)", run.demo_samples)
@@ -53,16 +54,20 @@ def build_image_dataset(run: RunConfig, size: int, tok_size, mask_fn):
 def data_files(run: RunConfig) -> tuple[list, Optional[list]]:
     """The usable files of ``run.data_path`` and their (height, width, format):
     validated (cached by path, size and mtime of every file) unless the
-    ``validate_data`` setting is off."""
+    ``validate_data`` setting is off. ``demo:digits``: the demo digits' train split (written once)."""
+    path = run.data_path
+    if path == DIGITS:
+        path = demo_digits("train", run.cache_dir)
+        log.info("data: %s, the demo digits' train split (their val split is never trained on)", DIGITS)
     try:
         if not run.validate_data:
-            if os.path.isfile(run.data_path):
-                files, info = read_file_list(run.data_path)
+            if os.path.isfile(path):
+                files, info = read_file_list(path)
             else:
-                files, info = list_images(run.data_path), None
-            log.info("data: %d images from %s (not validated)", len(files), run.data_path)
+                files, info = list_images(path), None
+            log.info("data: %d images from %s (not validated)", len(files), path)
             return files, info
-        v = validate(run.data_path, max_pixels=run.max_image_pixels or DEFAULT_MAX_PIXELS, cache_dir=run.cache_dir)
+        v = validate(path, max_pixels=run.max_image_pixels or DEFAULT_MAX_PIXELS, cache_dir=run.cache_dir)
     except FileNotFoundError as e:  # no images under the path, a file list naming missing files
         raise InputError(f"{e}: pass --data_path with a folder of images or a file list") from None
     s = v.summary

@@ -8,44 +8,18 @@ import math
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 
 from cimfast.config.settings import InputError
 from cimfast.objective.cim import IMAGENET_MEAN, IMAGENET_STD
-from cimfast.pipelines.atomic import publish_folder
 from cimfast.pipelines.datasets import decode_file
-from cimfast.pipelines.demo import default_cache_dir
+from cimfast.pipelines.demo import demo_digits
 from cimfast.pipelines.validate import validate
 
 log = logging.getLogger("cimfast")
 
 
 EVAL_CROP = 0.875  # resize to size / 0.875, centre crop (224 from 256)
-
-
-def demo_digits(split: str, cache_dir: Optional[str] = None) -> str:
-    """scikit-learn's digits (8 x 8, 17 grey levels) written once as 64 x 64
-    PNG files in class folders; every 4th image is in ``val``."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, got {split!r}")
-    root = os.path.join(cache_dir or default_cache_dir(), "demo-digits", split)
-    if os.path.isdir(root):
-        return root
-    d = load_digits()
-
-    def fill(tmp: str) -> None:
-        for i, (img, y) in enumerate(zip(d.images, d.target)):
-            if (i % 4 == 0) != (split == "val"):
-                continue
-            os.makedirs(os.path.join(tmp, str(y)), exist_ok=True)
-            a = np.repeat((img * (255 / 16)).round().astype(np.uint8)[:, :, None], 3, axis=2)
-            Image.fromarray(a).resize((64, 64), Image.BILINEAR).save(os.path.join(tmp, str(y), f"{i:04d}.png"))
-
-    return publish_folder(root, fill)  # ranks that race here never see a half-written set
 
 
 def labelled_files(path: str, cache_dir: Optional[str] = None) -> tuple[list, list, list]:
