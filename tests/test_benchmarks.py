@@ -49,3 +49,24 @@ def test_tokenizer_forms_benchmark_runs_both_forms_and_every_switch(tmp_path):
     assert [row["switch"] for row in rows] == ["fast path", "cudnn_benchmark", "tokenizer_io_bf16",
                                                "tokenizer_fp8_logits"]  # tokenizer_fuse needs --compile
     assert all(0.5 < row["token_agreement_vs_fp32"] <= 1.0 and row["ms"] > 0 for row in rows)
+
+
+def test_learning_benchmark_explains_itself_and_runs_two_seeds(tmp_path):
+    from tests.labelled import make_labelled
+
+    bench = os.path.join(ROOT, "benchmarks", "learning.py")
+    r = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--seeds" in r.stdout and "linear probe" in r.stdout, r.stderr[-2000:]
+    train, val = make_labelled(tmp_path / "train", classes=3, per_class=8), make_labelled(tmp_path / "val", seed=1)
+    r = subprocess.run([sys.executable, bench, "--seeds", "0", "1", "--launcher", "python", "--probe_epochs", "2",
+                        "--train_path", train, "--val_path", val, "--out", str(tmp_path / "out"), "--",
+                        "--data_path", train, "--max_steps", "2", "--image_interval", "0", "--num_workers", "0"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.load(open(tmp_path / "out" / "learning.json"))
+    assert [row["seed"] for row in res["rows"]] == [0, 1]
+    for row in res["rows"]:  # the rebuilt random init is the run's own step 0: the same k-NN as its monitor
+        assert abs(row["init"]["mean"]["knn"] - row["monitor"]["knn_top1_init"]) < 1e-3, row
+        assert set(row["init"]) == set(row["trained"]) == {"mean", "cls"}
+        assert row["monitor"]["steps"] == 2 and row["monitor"]["train_seconds"] > 0
+    assert "| mean | k-NN top-1 |" in r.stdout and "| cls | linear probe top-1 |" in r.stdout
