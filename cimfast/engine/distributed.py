@@ -2,6 +2,7 @@
 distributed start on NCCL or gloo, the CUDA-only defaults, the end."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -135,13 +136,12 @@ def set_group_timeouts(seconds: float) -> None:
         try:
             set_timeout(timedelta(seconds=seconds), group)
         except Exception as e:  # noqa: BLE001  (a backend that cannot: the step watchdog still bounds it)
-            if not _untimed:
-                log.warning("process group %s keeps its own timeout (%s): the step watchdog bounds its waits",
-                            getattr(group, "group_name", group), e)
-            _untimed.add(id(group))
+            _warn_untimed(str(getattr(group, "group_name", group)), str(e))
 
 
-_untimed: set = set()  # groups whose timeout could not be set (warned once)
+@functools.lru_cache(maxsize=None)  # once a group: the timeout is set again at every phase change
+def _warn_untimed(group: str, error: str) -> None:
+    log.warning("process group %s keeps its own timeout (%s): the step watchdog bounds its waits", group, error)
 
 
 SHM_DIR = "/dev/shm"
