@@ -68,12 +68,7 @@ def _launch(launcher, tmp, script, args, restarts=1):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-TORCHRUN_RESTART_FLAKY = pytest.mark.xfail(strict=False, reason=(
-    "open defect: torchrun's restarted attempt sometimes fails its gloo start-up (connectFullMesh: "
-    "Connection refused) or hangs in it; the deepspeed requeue is reliable"))
-
-
-@pytest.mark.parametrize("launcher", [pytest.param("torchrun", marks=TORCHRUN_RESTART_FLAKY), "deepspeed"])
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_a_killed_rank_restarts_from_the_newest_checkpoint_and_ends_equal(tmp_path, launcher, uninterrupted):
     """torchrun restarts every rank itself; a requeued job runs the same deepspeed command again.
     Either way the run resumes from step 4 and logs the uninterrupted run's losses."""

@@ -96,6 +96,25 @@ class Place:
     device: torch.device
 
 
+def start_attempt_group(backend: str, timeout: Optional[timedelta]) -> None:
+    """Under torchrun's default (static) rendezvous every restart attempt shares the agent's
+    store, where the failed attempt's ranks left their addresses under the same keys: a
+    restarted rank could read a dead peer's address and fail ("Connection refused") or hang
+    in the group's start. So each attempt starts the default group (DeepSpeed then adopts
+    it) under a store prefix of its own; every other launcher is left to DeepSpeed."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    if timeout is None:
+        from deepspeed.constants import default_pg_timeout as timeout
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    store = dist.PrefixStore(f"cimfast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+    device = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} \
+        if backend == "nccl" and world > 1 else {}  # as DeepSpeed binds it: NCCL starts eagerly
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **device)
+
+
 def init_distributed(timeout_minutes: Optional[float] = None) -> Place:
     """The process group (NCCL on CUDA, gloo on the CPU) and this process's place in it.
     ``timeout_minutes``: its collectives' timeout through start-up (None: DeepSpeed's default)."""
@@ -105,9 +124,11 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> Place:
     import deepspeed
 
     check_port()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
         timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
+        start_attempt_group(backend, timeout.get("timeout"))
+        deepspeed.init_distributed(dist_backend=backend, **timeout)
     except Exception as e:  # the store's port taken between the check and now, or by another host
         if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
             raise InputError(f"port {os.environ.get('MASTER_PORT')} (MASTER_PORT) is in use: pass a free one "
