@@ -153,12 +153,16 @@ def summary(rows: list) -> str:
                  f"{spread([r['monitor']['train_seconds'] for r in rows])} |")
     lines += ["", f"mean gain / std: {ratio}; smallest gain {min(gains):+.1f}", "",
               "| features | evaluation | random init | pre-trained | gain | smallest gain |", "|---|---|---|---|---|---|"]
+    from cimfast.evaluation.knn import default_kind
+
+    default = default_kind(rows[0]["init"])
     for kind in rows[0]["init"]:
+        name = f"{kind} (default)" if kind == default else kind
         for proto in ("knn", "linear"):
             a = [r["init"][kind][proto] for r in rows]
             b = [r["trained"][kind][proto] for r in rows]
             g = [y - x for x, y in zip(a, b)]
-            lines.append(f"| {kind} | {'k-NN' if proto == 'knn' else 'linear probe'} top-1 | {spread(a)} | "
+            lines.append(f"| {name} | {'k-NN' if proto == 'knn' else 'linear probe'} top-1 | {spread(a)} | "
                          f"{spread(b)} | {spread(g)} | {min(g):+.1f} |")
     return "\n".join(lines)
 

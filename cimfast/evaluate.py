@@ -14,7 +14,10 @@ classes; 1,347 train and 450 val), written once as PNG files.
 
 Features (every kind is reported): ViT: ``mean``, the mean of the patch
 tokens after the final norm, and ``cls``, the [CLS] token after it; ResNet:
-``pool``, the last stage globally average-pooled. Images are resized so the
+``pool``, the last stage globally average-pooled. ``mean`` (ViT) and
+``pool`` (ResNet) are the default with either objective, named in the
+report (``default_features``) and in its last line: neither ResPix nor
+RevDet puts a loss on [CLS]. Images are resized so the
 shorter side is ``img_size / 0.875`` and centre-cropped to ``img_size``
 (DINO's and MAE's evaluation transform), normalized with ImageNet's mean
 and standard deviation, as in pre-training.
@@ -52,7 +55,7 @@ from cimfast.config.cli import Parser
 from cimfast.config.preflight import guarded, run_and_exit
 from cimfast.config.settings import InputError
 from cimfast.engine.distributed import finish, init_distributed, setup_logging
-from cimfast.evaluation.knn import LabelledSplits, knn_classify
+from cimfast.evaluation.knn import LabelledSplits, default_kind, knn_classify
 from cimfast.evaluation.labelled import resolve_paths
 from cimfast.evaluation.loading import load_enhancer
 from cimfast.evaluation.probe import linear_probe
@@ -122,10 +125,13 @@ def evaluate(a: argparse.Namespace) -> int:
                                           seed=a.seed, optimizer=a.optimizer) for kind in tr}
             settings = {"optimizer": a.optimizer, "epochs": a.epochs, "warmup_epochs": a.warmup_epochs,
                         "base_lr": a.lr, "batch_size": a.batch_size, "weight_decay": a.weight_decay}
+        kind = default_kind(results)
         report = {"protocol": a.protocol, "model": cfg["model"], "train_images": splits.sizes["train"],
                   "val_images": splits.sizes["val"], "classes": len(splits.classes), "settings": settings,
-                  "results": results, "ranks": world}
+                  "default_features": kind, "results": results, "ranks": world}
         print(json.dumps(report, indent=1))
+        log.info("%s top-1 %.1f %% with the %s features (the default with either objective)", a.protocol,
+                 results[kind]["top1"], kind)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(report, f, indent=1)

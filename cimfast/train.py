@@ -25,7 +25,7 @@ from cimfast.engine.distributed import (Place, engine_dtype, fill_auto, finish, 
 from cimfast.engine.loop import Job, run_job, write_config
 from cimfast.engine.metrics import count_step_flops
 from cimfast.engine.pictures import save_grid
-from cimfast.evaluation.knn import LabelledSplits
+from cimfast.evaluation.knn import DEFAULT_FEATURES, LabelledSplits
 from cimfast.kernels.dispatch import use_triton
 from cimfast.models.attention import probe
 from cimfast.objective.cim import CIMModel, build_tokenizer
@@ -108,7 +108,7 @@ def setup(cfg: Config, run: RunConfig, ds_cfg: dict, ds_path: str, tokenizer: To
 
     def evaluate(module, step):
         res = monitor.knn(module.enhancer, device)
-        found = {f"knn_top{n}" + ("" if kind in ("mean", "pool") else f"_{kind}"): r[f"top{n}"]
+        found = {f"knn_top{n}" + ("" if kind in DEFAULT_FEATURES else f"_{kind}"): r[f"top{n}"]
                  for kind, r in res.items() for n in (1, 5)}
         if step == 0:  # before any update: logged once, kept in every checkpoint
             knn_init.update(found)

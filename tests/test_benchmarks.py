@@ -69,4 +69,4 @@ def test_learning_benchmark_explains_itself_and_runs_two_seeds(tmp_path):
         assert abs(row["init"]["mean"]["knn"] - row["monitor"]["knn_top1_init"]) < 1e-3, row
         assert set(row["init"]) == set(row["trained"]) == {"mean", "cls"}
         assert row["monitor"]["steps"] == 2 and row["monitor"]["train_seconds"] > 0
-    assert "| mean | k-NN top-1 |" in r.stdout and "| cls | linear probe top-1 |" in r.stdout
+    assert "| mean (default) | k-NN top-1 |" in r.stdout and "| cls | linear probe top-1 |" in r.stdout

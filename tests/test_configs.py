@@ -23,8 +23,8 @@ def test_shipped_configs_parse(path):
 
 def test_command_line_overrides_json_section():
     cfg, run, _, _ = parse(["--ds_config", os.path.join(ROOT, "configs", "ds_demo.json"),
-                            "--max_steps", "7", "--objective", "revdet", "--no-progress"])
-    assert run.max_steps == 7 and cfg.objective == "revdet" and run.progress is False
+                            "--max_steps", "7", "--objective", "respix", "--no-progress"])
+    assert run.max_steps == 7 and cfg.objective == "respix" and run.progress is False
     assert cfg.preset == "tiny" and cfg.img_size == 112  # the preset fills the rest
 
 

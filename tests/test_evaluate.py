@@ -170,6 +170,9 @@ def test_evaluate_cli_random_and_exported_give_the_same_features(tmp_path):
         reports.append(json.load(open(out)))
     assert reports[0]["results"] == reports[1]["results"]
     assert set(reports[0]["results"]) == {"mean", "cls"} and reports[0]["val_images"] == 12
+    assert reports[0]["default_features"] == "mean"  # either objective: no loss reaches [CLS]
+    top1 = reports[1]["results"]["mean"]["top1"]
+    assert f"knn top-1 {top1:.1f} % with the mean features" in r.stderr, r.stderr[-2000:]
     assert reports[0]["results"]["mean"]["top1"] > 50  # the colours separate even for random features
     bad = subprocess.run([sys.executable, "-m", "cimfast.evaluate", "linear", "--model", str(tmp_path / "nope"),
                           "--train_path", train, "--val_path", val], capture_output=True, text=True, cwd=ROOT, env=ENV)
@@ -244,3 +247,14 @@ def test_loss_plot_draws_each_loss_beside_its_baseline_and_knn_beside_step_0(tmp
     assert "k-NN top-1 (%)" not in save_loss_plot(records[1:5], str(tmp_path / "no_knn.png"))
     assert [tensorboard_name(k) for k in ("gen_loss", "gen_loss_trivial", "knn_top1", "knn_top1_init", "lr")] == \
         ["loss/gen_loss", "loss/gen_loss_trivial", "knn/top1", "knn/top1_init", "run/lr"]
+
+
+@pytest.mark.parametrize("preset,kind", [("tiny", "mean"), ("tiny-resnet", "pool")])
+def test_the_default_feature_kind_is_each_enhancers_pooled_features(preset, kind):
+    """The monitor's knn_top1 and evaluate's headline: a ViT's mean-pooled patch tokens, a ResNet's pool."""
+    from cimfast.evaluation.knn import default_kind
+
+    enhancer, cfg = load_enhancer("random", preset, seed=0)
+    with torch.no_grad():
+        feats = enhancer.features(torch.randn(2, 3, cfg["img_size"], cfg["img_size"]))
+    assert default_kind(feats) == kind and default_kind(list(feats)) == kind
