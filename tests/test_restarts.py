@@ -1,10 +1,14 @@
 """Restarts that lose nothing: a rank killed mid-run, the job restarted by torchrun
 (--max-restarts) or requeued (the same deepspeed command again), ends with the losses
 of an uninterrupted run; a run stopped for non-finite losses is not retried."""
+import logging
 import os
 import subprocess
+import sys
+from datetime import timedelta
 
 import pytest
+import torch.distributed as dist
 
 from cimfast.engine import checkpoint
 from tests.runs import BIN, ENV, ROOT, diverging_config, ds_config, free_port, losses, run_train
@@ -126,3 +130,55 @@ def test_resuming_zero_on_another_number_of_ranks_is_one_line(tmp_path):
     r = run_train(["--ds_config", cfg, "--output_dir", out, "--resume", "auto", "--max_steps", "3"])
     assert r.returncode == 2 and "was saved by another number of ranks" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+
+
+# one rank of a torchrun attempt on one node, as far as the default group's start and an all-reduce
+ATTEMPT_RANK = r"""
+import os, sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+sys.path.insert(0, os.environ["ROOT"])
+from cimfast.engine.distributed import start_attempt_group
+time.sleep(float(os.environ["LATE"]))
+start_attempt_group("gloo", timedelta(seconds=30))
+t = torch.ones(1)
+dist.all_reduce(t)
+print("sum", int(t.item()))
+dist.destroy_process_group()  # as cimfast's finish(): a gloo group left at exit may abort the process
+"""
+
+
+def test_each_torchrun_attempt_starts_its_group_under_keys_of_its_own(tmp_path):
+    """The agent's store outlives an attempt: the restarted ranks (rank 1 two seconds late, so
+    that rank 0 reads the store first) never read the failed attempt's keys but write new ones
+    (overwriting them, as a start without the prefix does, leaves the count of keys unchanged)."""
+    agent = dist.TCPStore("127.0.0.1", int(free_port()), 1, is_master=True, timeout=timedelta(seconds=60),
+                          wait_for_workers=False)
+    keys = []
+    for attempt in (0, 1):
+        env = {**ENV, "ROOT": ROOT, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent.port), "WORLD_SIZE": "2",
+               "TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1",
+               "TORCHELASTIC_RESTART_COUNT": str(attempt)}
+        ranks = [subprocess.Popen([sys.executable, "-c", ATTEMPT_RANK], env={
+            **env, "RANK": str(r), "LOCAL_RANK": str(r), "LATE": str(2 * attempt * r)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+        outs = [p.communicate(timeout=120)[0] for p in ranks]
+        assert [p.returncode for p in ranks] == [0, 0] and all("sum 2" in o for o in outs), outs
+        keys.append(agent.num_keys())
+    assert keys[1] > keys[0], keys
+
+
+def test_torchrun_on_several_nodes_is_left_to_deepspeed_with_a_warning(monkeypatch, caplog):
+    """Agents of several nodes count restarts apart: no shared prefix is safe, the start stays
+    DeepSpeed's, and a run allowed restarts is told how to get a fresh store per attempt."""
+    from cimfast.engine.distributed import start_attempt_group
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level(logging.WARNING, logger="cimfast"):
+        start_attempt_group("gloo", timedelta(seconds=5))  # no store is dialled: it returns at once
+    assert not dist.is_initialized()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text

@@ -97,22 +97,43 @@ class Place:
 
 
 def start_attempt_group(backend: str, timeout: Optional[timedelta]) -> None:
-    """Under torchrun's default (static) rendezvous every restart attempt shares the agent's
-    store, where the failed attempt's ranks left their addresses under the same keys: a
-    restarted rank could read a dead peer's address and fail ("Connection refused") or hang
-    in the group's start. So each attempt starts the default group (DeepSpeed then adopts
-    it) under a store prefix of its own; every other launcher is left to DeepSpeed."""
+    """torchrun hands every restart attempt the same agent store (its static rendezvous, and
+    c10d's unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), where the failed attempt's ranks left
+    their addresses under the same keys: a restarted rank could read a dead peer's address and
+    fail ("Connection refused") or hang in the group's start. On one node (one agent, so one
+    restart count for every rank) each attempt starts the default group (DeepSpeed then adopts
+    it) under a store prefix of its own. Agents of several nodes count restarts apart (a node
+    whose ranks did not fail restarts them uncounted), so no prefix is safe there: the fix is a
+    fresh store per attempt, which c10d gives with that variable. Others are left to DeepSpeed."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
         return
-    if timeout is None:
-        from deepspeed.constants import default_pg_timeout as timeout
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            log.warning("torchrun restarts on several nodes share one store with the failed attempt: export "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (with --rdzv_backend c10d) so that each attempt "
+                        "gets a fresh one")
+        return
+    from deepspeed.constants import default_pg_timeout
+
+    timeout = timeout or default_pg_timeout
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
     store = dist.PrefixStore(f"cimfast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
-    device = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} \
-        if backend == "nccl" and world > 1 else {}  # as DeepSpeed binds it: NCCL starts eagerly
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **device)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                            **_device_binding(backend, world))
+
+
+def _device_binding(backend: str, world: int) -> dict:
+    """device_id as DeepSpeed's own start passes it (NCCL then starts eagerly): on CUDA with
+    more than one rank, not on torch 2.6.x-2.7.0, where binding it hangs."""
+    from deepspeed.accelerator import get_accelerator
+    from packaging import version
+
+    hangs = version.parse("2.6.0") < version.parse(torch.__version__) < version.parse("2.7.1")
+    if backend != "nccl" or world == 1 or hangs or get_accelerator().device_name() != "cuda":
+        return {}
+    return {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
 
 
 def init_distributed(timeout_minutes: Optional[float] = None) -> Place:
