@@ -258,3 +258,5 @@ def test_the_default_feature_kind_is_each_enhancers_pooled_features(preset, kind
     with torch.no_grad():
         feats = enhancer.features(torch.randn(2, 3, cfg["img_size"], cfg["img_size"]))
     assert default_kind(feats) == kind and default_kind(list(feats)) == kind
+    with pytest.raises(ValueError, match="no default feature kind"):
+        default_kind(["cls"])

@@ -19,15 +19,18 @@ log = logging.getLogger("cimfast")
 
 
 # The feature kind an enhancer is judged by, with either objective: a ViT's mean-pooled patch
-# tokens (neither ResPix nor RevDet puts a loss on [CLS]: on the demo digits its k-NN gained
-# 4.1 +- 4.4 points over five RevDet seeds, the mean's 11.2 +- 2.3), a ResNet's pooled last
-# stage. The k-NN monitor's knn_top1, evaluate's headline and fine-tuning's avg pool use it.
+# tokens (neither ResPix nor RevDet puts a loss on [CLS], which gains less and not on every
+# seed: benchmarks/RESULTS.md, "What the quickstart learns"), a ResNet's pooled last stage.
+# The k-NN monitor's knn_top1, evaluate's headline and fine-tuning's avg pool use it.
 DEFAULT_FEATURES = ("mean", "pool")
 
 
 def default_kind(kinds) -> str:
     """The default feature kind among ``kinds`` (an enhancer's feature dict or its keys)."""
-    return next(k for k in DEFAULT_FEATURES if k in kinds)
+    kind = next((k for k in DEFAULT_FEATURES if k in kinds), None)
+    if kind is None:
+        raise ValueError(f"no default feature kind ({' or '.join(DEFAULT_FEATURES)}) among {sorted(kinds)}")
+    return kind
 
 
 @torch.no_grad()
