@@ -260,3 +260,15 @@ def test_the_default_feature_kind_is_each_enhancers_pooled_features(preset, kind
     assert default_kind(feats) == kind and default_kind(list(feats)) == kind
     with pytest.raises(ValueError, match="no default feature kind"):
         default_kind(["cls"])
+
+
+def test_the_closing_line_gives_each_top1_beside_its_gain_over_step_0():
+    from cimfast.engine.metrics import closing_summary
+
+    records = [{"step": 0, "knn_top1_init": 55.1, "knn_top1_cls_init": 52.0},
+               {"step": 10, "loss": 4.9},
+               {"step": 800, "knn_top1": 66.44, "knn_top5": 97.3, "knn_top1_cls": 54.2, "knn_top1_gain": 11.34,
+                "knn_top5_gain": 2.0, "knn_top1_cls_gain": 2.2, "eval_seconds": 2.0},
+               {"step": 800, "loss": 4.8}]
+    assert closing_summary(records) == "knn_top1 66.4 (+11.3 over step 0), knn_top1_cls 54.2 (+2.2 over step 0)"
+    assert closing_summary(records[:2]) == ""  # no gain yet (or no monitor): the line says nothing of it

@@ -90,4 +90,6 @@ def test_the_readme_quickstart_learns_above_the_floor(tmp_path):
     assert knn[-1]["step"] == 800 and knn[-1]["knn_top1_gain"] == pytest.approx(
         knn[-1]["knn_top1"] - init[0]["knn_top1_init"])
     assert knn[-1]["knn_top1_gain"] > GAIN_FLOOR, [(x["step"], x["knn_top1"]) for x in knn]
+    closing = f"done: step 800, knn_top1 {knn[-1]['knn_top1']:.1f} ({knn[-1]['knn_top1_gain']:+.1f} over step 0)"
+    assert closing in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     assert os.path.isfile(out / "loss.png") and os.path.isfile(out / "picture_final.png")

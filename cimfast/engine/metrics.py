@@ -174,3 +174,13 @@ def read_metrics(output_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
+
+
+def closing_summary(records: list[dict]) -> str:
+    """The last evaluation's top-1 values, each beside its gain over the run's step 0,
+    for the run's closing line ('' when no record carries a gain)."""
+    last = next((r for r in reversed(records) if any(k.endswith("_gain") for k in r)), None)
+    if last is None:
+        return ""
+    return ", ".join(f"{k[:-5]} {last[k[:-5]]:.1f} ({last[k]:+.1f} over step 0)" for k in last
+                     if k.endswith("_gain") and "top1" in k and k[:-5] in last)

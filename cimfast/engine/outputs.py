@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cimfast.config.settings import RunConfig
 from cimfast.engine import checkpoint
-from cimfast.engine.metrics import MetricsWriter, progress_postfix, read_metrics
+from cimfast.engine.metrics import MetricsWriter, closing_summary, progress_postfix, read_metrics
 from cimfast.engine.pictures import save_loss_plot
 
 if TYPE_CHECKING:  # the loop imports this module
@@ -178,4 +178,5 @@ class Outputs:
             records = read_metrics(self.run.output_dir)
             if records:
                 save_loss_plot(records, os.path.join(self.run.output_dir, "loss.png"))
-            log.info("done: step %d, outputs in %s", step, self.run.output_dir)
+            summary = closing_summary(records)
+            log.info("done: step %d, %soutputs in %s", step, f"{summary}; " if summary else "", self.run.output_dir)
