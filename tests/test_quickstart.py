@@ -47,7 +47,8 @@ def test_crop_scale_is_a_validated_setting():
 
 
 def test_demo_digits_data_path_is_their_train_split_only(tmp_path):
-    run = RunConfig(data_path="demo:digits", cache_dir=str(tmp_path), crop_scale=(0.5, 1.0))
+    out = str(tmp_path / "out")  # not the default folder, which a quickstart run may have filled
+    run = RunConfig(data_path="demo:digits", cache_dir=str(tmp_path), crop_scale=(0.5, 1.0), output_dir=out)
     run.validate()
     check_run(run, "cim")  # no folder of that name needed
     ds = build_image_dataset(run, 32, 16, None)
@@ -55,8 +56,8 @@ def test_demo_digits_data_path_is_their_train_split_only(tmp_path):
     assert len(ds.files) == 1347 and all(i % 4 for i in names)  # every 4th digit is in val: never trained on
     assert ds.scale == (0.5, 1.0) and ds[(0, 0)]["images"].shape == (3, 32, 32)
     with pytest.raises(InputError, match="demo:digits"):
-        check_run(RunConfig(data_path="demo:digit", cache_dir=str(tmp_path)), "cim")
-    photos = RunConfig(data_path="demo:photos", demo_samples=5)  # the photographs, as no data path
+        check_run(RunConfig(data_path="demo:digit", cache_dir=str(tmp_path), output_dir=out), "cim")
+    photos = RunConfig(data_path="demo:photos", demo_samples=5, output_dir=out)  # the photographs, as no data path
     check_run(photos, "cim")
     assert type(build_image_dataset(photos, 32, 16, None)).__name__ == "DemoDataset"
 
