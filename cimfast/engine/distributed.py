@@ -77,14 +77,17 @@ def fill_auto(ds: dict, run: RunConfig) -> dict:
 
 
 def extensions_dir() -> str:
-    """Where DeepSpeed's just-in-time C++ ops are built: one folder per Python environment
-    and torch version, in cimfast's cache. torch's default is one folder for all, where an
-    op built from another environment's sources is rebuilt at every start (20-30 s).
-    TORCH_EXTENSIONS_DIR overrides it."""
+    """Where DeepSpeed's just-in-time C++ ops are built: one folder per Python environment,
+    torch version and ``ninja`` binary, in cimfast's cache. torch's default is one folder for
+    all, where an op built from another environment's sources is rebuilt at every start
+    (20-30 s); and two ninjas (the environment's own once it is activated, the system's for
+    a plain ``.venv/bin/deepspeed``) rewrite each other's build log, rebuilding the op at
+    every switch. TORCH_EXTENSIONS_DIR overrides it."""
     import hashlib
+    import shutil
 
-    env = hashlib.sha1(f"{os.path.realpath(sys.prefix)} {torch.__version__}".encode()).hexdigest()[:12]
-    return os.path.join(default_cache_dir(), "torch_extensions", env)
+    key = f"{os.path.realpath(sys.prefix)} {torch.__version__} {shutil.which('ninja')}"
+    return os.path.join(default_cache_dir(), "torch_extensions", hashlib.sha1(key.encode()).hexdigest()[:12])
 
 
 @dataclass(frozen=True)
