@@ -245,6 +245,9 @@ def test_loss_plot_draws_each_loss_beside_its_baseline_and_knn_beside_step_0(tmp
     assert drawn["loss"] == ["loss"]
     assert drawn["k-NN top-1 (%)"] == ["knn_top1", "knn_top1_init", "knn_top1_cls", "knn_top1_cls_init"]
     assert "k-NN top-1 (%)" not in save_loss_plot(records[1:5], str(tmp_path / "no_knn.png"))
+    revdet = [{"step": s, "loss": 5.0, "enh_loss": 0.5, "det_acc": 0.7, "det_acc_trivial": 0.6} for s in (1, 2)]
+    drawn = save_loss_plot(revdet, str(tmp_path / "revdet.png"))
+    assert drawn["det_acc"] == ["det_acc", "det_acc_trivial"] and drawn["enh_loss"] == ["enh_loss"]
     assert [tensorboard_name(k) for k in ("gen_loss", "gen_loss_trivial", "knn_top1", "knn_top1_init", "lr")] == \
         ["loss/gen_loss", "loss/gen_loss_trivial", "knn/top1", "knn/top1_init", "run/lr"]
 

@@ -94,3 +94,24 @@ def test_the_readme_quickstart_learns_above_the_floor(tmp_path):
     closing = f"done: step 800, knn_top1 {knn[-1]['knn_top1']:.1f} ({knn[-1]['knn_top1_gain']:+.1f} over step 0)"
     assert closing in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     assert os.path.isfile(out / "loss.png") and os.path.isfile(out / "picture_final.png")
+
+
+def test_the_pictures_batch_spans_the_classes(tmp_path):
+    """The digits' files come class by class: the first 8 were all zeros."""
+    from cimfast.engine.data import fixed_batch
+
+    run = RunConfig(data_path="demo:digits", cache_dir=str(tmp_path), crop_scale=(0.5, 1.0))
+    ds = build_image_dataset(run, 32, 16, None)
+    asked = []
+
+    class Recording:
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, key):
+            asked.append(key[1])
+            return ds[key]
+
+    assert fixed_batch(Recording(), 8)["images"].shape[0] == 8
+    classes = {os.path.basename(os.path.dirname(ds.files[i])) for i in asked}
+    assert len(classes) >= 6, [ds.files[i] for i in asked]

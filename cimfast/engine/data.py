@@ -165,6 +165,9 @@ def build_batches(dataset, run: RunConfig, micro: int, start_micro_step: int, de
 
 
 def fixed_batch(dataset, n: int) -> dict:
-    """A fixed batch for the pictures (the same in every run with the same seed)."""
-    items = [dataset[(0, i)] for i in range(min(n, len(dataset)))]
+    """A fixed batch for the pictures (the same in every run with the same seed): samples
+    spread evenly over the dataset, whose files come sorted (class by class in a labelled
+    folder: the first n are often one class)."""
+    count = min(n, len(dataset))
+    items = [dataset[(0, i * len(dataset) // count)] for i in range(count)]
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -45,15 +45,15 @@ def save_grid(visuals: dict, patch: int, path: str, max_rows: int = 8) -> None:
 
 
 def save_loss_plot(records: list[dict], path: str) -> dict:
-    """``loss.png``: each loss beside its trivial baseline (dashed), and the k-NN
-    monitor beside its step-0 value (dotted). Returns {panel: [series drawn]}."""
+    """``loss.png``: each loss, and RevDet's detection accuracy, beside its trivial
+    baseline (dashed) where it has one, and the k-NN monitor beside its step-0 value (dotted). Returns {panel: [series drawn]}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(k, [(k, "-"), (f"{k}_trivial", "--")]) for k in ("loss", "gen_loss", "enh_loss")
-              if any(k in r for r in records)]
+    panels = [(k, [(k, "-"), (f"{k}_trivial", "--")]) for k in ("loss", "gen_loss", "enh_loss", "det_acc")
+              if any(k in r for r in records)]  # RevDet's enh_loss has no baseline; its det_acc has one
     knn = sorted({k for r in records for k in r if re.fullmatch(r"knn_top1(_\w+)?", k)
                   and not k.endswith(("_init", "_gain"))})
     if knn:
