@@ -148,7 +148,7 @@ dist.destroy_process_group()  # as cimfast's finish(): a gloo group left at exit
 """
 
 
-def test_each_torchrun_attempt_starts_its_group_under_keys_of_its_own(tmp_path):
+def test_each_torchrun_attempt_starts_its_group_under_keys_of_its_own():
     """The agent's store outlives an attempt: the restarted ranks (rank 1 two seconds late, so
     that rank 0 reads the store first) never read the failed attempt's keys but write new ones
     (overwriting them, as a start without the prefix does, leaves the count of keys unchanged)."""

@@ -46,7 +46,8 @@ def save_grid(visuals: dict, patch: int, path: str, max_rows: int = 8) -> None:
 
 def save_loss_plot(records: list[dict], path: str) -> dict:
     """``loss.png``: each loss, and RevDet's detection accuracy, beside its trivial
-    baseline (dashed) where it has one, and the k-NN monitor beside its step-0 value (dotted). Returns {panel: [series drawn]}."""
+    baseline (dashed) where it has one, and the k-NN monitor beside its step-0 value
+    (dotted). Returns {panel: [series drawn]}."""
     import matplotlib
 
     matplotlib.use("Agg")
