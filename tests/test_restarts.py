@@ -182,3 +182,19 @@ def test_torchrun_on_several_nodes_is_left_to_deepspeed_with_a_warning(monkeypat
         start_attempt_group("gloo", timedelta(seconds=5))  # no store is dialled: it returns at once
     assert not dist.is_initialized()
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+
+
+def test_the_attempt_group_binds_the_device_as_deepspeed_does(monkeypatch):
+    """NCCL on a CUDA accelerator with several ranks gets device_id (cuda:LOCAL_RANK), as
+    DeepSpeed's own start passes it; gloo, one rank, or torch 2.6.x-2.7.0 (where it hangs) do not."""
+    from deepspeed.accelerator import get_accelerator
+
+    from cimfast.engine import distributed
+
+    monkeypatch.setattr(type(get_accelerator()), "device_name", lambda self, *a: "cuda")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(distributed.torch, "__version__", "2.14.1")
+    assert distributed._device_binding("nccl", 8) == {"device_id": distributed.torch.device("cuda", 3)}
+    assert distributed._device_binding("gloo", 8) == {} and distributed._device_binding("nccl", 1) == {}
+    monkeypatch.setattr(distributed.torch, "__version__", "2.7.0")
+    assert distributed._device_binding("nccl", 8) == {}
